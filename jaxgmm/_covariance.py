@@ -1,0 +1,445 @@
+"""One small structure per covariance type.
+
+Every covariance-specific formula of jaxgmm lives here: storage (the Cholesky
+factor of the precision, as scikit-learn keeps it), log-determinant, squared
+Mahalanobis distances, the scatter statistic EM accumulates, the M-step
+estimate with its safeguards, sampling and the parameter count. The rest of
+the package looks a structure up once with :func:`structure_for` and never
+branches on the covariance type.
+
+Array shapes follow scikit-learn: ``full`` (K, D, D), ``diag`` (K, D),
+``spherical`` (K,), ``tied`` (D, D), for the covariances and for their
+precision Cholesky factors alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from . import _linalg
+
+
+class CovarianceStructure:
+    """The interface each covariance type implements (all static methods)."""
+
+    name: ClassVar[str]
+    #: Whether the scatter statistic is taken about the current means (per
+    #: component) rather than about the data centre.
+    scatter_about_means: ClassVar[bool]
+
+    @staticmethod
+    def covariance_shape(n_components: int, n_features: int) -> tuple[int, ...]:
+        ...
+
+    @staticmethod
+    def n_covariance_parameters(n_components: int, n_features: int) -> int:
+        ...
+
+    @staticmethod
+    def precisions_cholesky_from_covariances(covariances: Array) -> Array:
+        ...
+
+    @staticmethod
+    def covariances_from_precisions_cholesky(precisions_cholesky: Array) -> Array:
+        ...
+
+    @staticmethod
+    def log_det_precisions_cholesky(
+        precisions_cholesky: Array, n_components: int, n_features: int
+    ) -> Float[Array, " k"]:
+        ...
+
+    @staticmethod
+    def squared_mahalanobis(
+        x: Float[Array, "n d"], means: Float[Array, "k d"], precisions_cholesky: Array
+    ) -> Float[Array, "n k"]:
+        ...
+
+    @staticmethod
+    def scatter(
+        x: Float[Array, "n d"], weighted_resp: Float[Array, "n k"], shift: Array
+    ) -> Array:
+        ...
+
+    @staticmethod
+    def covariances_from_scatter(
+        scatter: Array,
+        counts: Float[Array, " k"],
+        offsets: Float[Array, "k d"],
+        reg_covar: float,
+        max_condition: float | None,
+    ) -> Array:
+        ...
+
+    @staticmethod
+    def sampling_factor(precisions_cholesky: Array) -> Array:
+        ...
+
+    @staticmethod
+    def scale_noise(
+        factor: Array, noise: Float[Array, "n d"], labels: Int[Array, " n"]
+    ) -> Float[Array, "n d"]:
+        ...
+
+    @staticmethod
+    def keep_previous(
+        new: Array, previous: Array, keep: Bool[Array, " k"]
+    ) -> Array:
+        """Per component: ``previous`` where ``keep`` or where ``new`` is not finite."""
+        ...
+
+    @staticmethod
+    def identity(n_components: int, n_features: int, dtype) -> Array:
+        """Identity covariances (which are also their own precision factors)."""
+        ...
+
+    @staticmethod
+    def check_covariances(covariances: np.ndarray, n_components: int, n_features: int):
+        """Eager validation; raises ``ValueError`` naming ``covariances``."""
+        ...
+
+
+def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):
+    if array.shape != shape:
+        raise ValueError(
+            f"`{name}` must have shape {shape} for covariance_type={kind!r}, "
+            f"got {array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+
+
+def _check_spd(name: str, matrices: np.ndarray):
+    matrices = np.asarray(matrices, dtype=np.float64)
+    scale = np.maximum(np.abs(matrices).max(axis=(-1, -2), keepdims=True), 1e-300)
+    asymmetry = np.abs(matrices - np.swapaxes(matrices, -1, -2)) / scale
+    if np.any(asymmetry > 1e-5):
+        raise ValueError(f"`{name}` must be symmetric")
+    eigenvalues = np.linalg.eigvalsh(matrices)
+    if np.any(eigenvalues <= 0):
+        raise ValueError(f"`{name}` must be positive definite")
+
+
+def _check_positive(name: str, values: np.ndarray):
+    if np.any(values <= 0):
+        raise ValueError(f"`{name}` must be positive")
+
+
+class Full(CovarianceStructure):
+    name = "full"
+    scatter_about_means = True
+
+    @staticmethod
+    def covariance_shape(n_components, n_features):
+        return (n_components, n_features, n_features)
+
+    @staticmethod
+    def n_covariance_parameters(n_components, n_features):
+        return n_components * n_features * (n_features + 1) // 2
+
+    @staticmethod
+    def precisions_cholesky_from_covariances(covariances):
+        # sklearn: precision = P P^T with P = inv(chol(cov))^T, upper triangular.
+        lower = _linalg.cholesky(covariances)
+        return _linalg.transpose(_linalg.lower_triangular_inverse(lower))
+
+    @staticmethod
+    def covariances_from_precisions_cholesky(precisions_cholesky):
+        lower = Full.sampling_factor(precisions_cholesky)
+        return _linalg.matmul(lower, _linalg.transpose(lower))
+
+    @staticmethod
+    def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
+        diagonal = jnp.diagonal(precisions_cholesky, axis1=-2, axis2=-1)
+        return jnp.sum(jnp.log(diagonal), axis=-1)
+
+    @staticmethod
+    def squared_mahalanobis(x, means, precisions_cholesky):
+        diff = x[:, None, :] - means[None, :, :]
+        if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+            whitened = jnp.sum(
+                diff[:, :, :, None] * precisions_cholesky[None], axis=-2
+            )
+        else:
+            whitened = jnp.einsum("nkd,kde->nke", diff, precisions_cholesky)
+        return jnp.sum(whitened**2, axis=-1)
+
+    @staticmethod
+    def scatter(x, weighted_resp, shift):
+        diff = x[:, None, :] - shift[None, :, :]
+        if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+            weighted = weighted_resp[:, :, None] * diff
+            return jnp.sum(weighted[:, :, :, None] * diff[:, :, None, :], axis=0)
+        return jnp.einsum("nk,nkd,nke->kde", weighted_resp, diff, diff)
+
+    @staticmethod
+    def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
+        d = offsets.shape[-1]
+        covariances = scatter / counts[:, None, None] - (
+            offsets[:, :, None] * offsets[:, None, :]
+        )
+        covariances = _linalg.symmetrise(covariances)
+        covariances = covariances + reg_covar * jnp.eye(d, dtype=covariances.dtype)
+        return _linalg.cap_condition(covariances, max_condition)
+
+    @staticmethod
+    def sampling_factor(precisions_cholesky):
+        # cov = inv(P P^T) = L L^T with L = inv(P^T), lower triangular.
+        return _linalg.lower_triangular_inverse(_linalg.transpose(precisions_cholesky))
+
+    @staticmethod
+    def scale_noise(factor, noise, labels):
+        return jnp.einsum("nde,ne->nd", factor[labels], noise)
+
+    @staticmethod
+    def keep_previous(new, previous, keep):
+        keep = keep | ~jnp.all(jnp.isfinite(new), axis=(-1, -2))
+        return jnp.where(keep[:, None, None], previous, new)
+
+    @staticmethod
+    def identity(n_components, n_features, dtype):
+        return jnp.broadcast_to(jnp.eye(n_features, dtype=dtype), (n_components, n_features, n_features))
+
+    @staticmethod
+    def check_covariances(covariances, n_components, n_features):
+        shape = Full.covariance_shape(n_components, n_features)
+        _check_shape("covariances", covariances, shape, "full")
+        _check_spd("covariances", covariances)
+
+
+class Tied(CovarianceStructure):
+    name = "tied"
+    scatter_about_means = True
+
+    @staticmethod
+    def covariance_shape(n_components, n_features):
+        return (n_features, n_features)
+
+    @staticmethod
+    def n_covariance_parameters(n_components, n_features):
+        return n_features * (n_features + 1) // 2
+
+    @staticmethod
+    def precisions_cholesky_from_covariances(covariances):
+        return Full.precisions_cholesky_from_covariances(covariances)
+
+    @staticmethod
+    def covariances_from_precisions_cholesky(precisions_cholesky):
+        return Full.covariances_from_precisions_cholesky(precisions_cholesky)
+
+    @staticmethod
+    def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
+        log_det = Full.log_det_precisions_cholesky(
+            precisions_cholesky, n_components, n_features
+        )
+        return jnp.broadcast_to(log_det, (n_components,))
+
+    @staticmethod
+    def squared_mahalanobis(x, means, precisions_cholesky):
+        k = means.shape[0]
+        tiled = jnp.broadcast_to(precisions_cholesky, (k,) + precisions_cholesky.shape)
+        return Full.squared_mahalanobis(x, means, tiled)
+
+    @staticmethod
+    def scatter(x, weighted_resp, shift):
+        return Full.scatter(x, weighted_resp, shift)
+
+    @staticmethod
+    def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
+        d = offsets.shape[-1]
+        within = scatter - counts[:, None, None] * (
+            offsets[:, :, None] * offsets[:, None, :]
+        )
+        covariance = _linalg.symmetrise(jnp.sum(within, axis=0) / jnp.sum(counts))
+        covariance = covariance + reg_covar * jnp.eye(d, dtype=covariance.dtype)
+        return _linalg.cap_condition(covariance, max_condition)
+
+    @staticmethod
+    def sampling_factor(precisions_cholesky):
+        return Full.sampling_factor(precisions_cholesky)
+
+    @staticmethod
+    def scale_noise(factor, noise, labels):
+        return noise @ _linalg.transpose(factor)
+
+    @staticmethod
+    def keep_previous(new, previous, keep):
+        # One matrix serves every component: keep it only if all are kept.
+        keep = jnp.all(keep) | ~jnp.all(jnp.isfinite(new))
+        return jnp.where(keep, previous, new)
+
+    @staticmethod
+    def identity(n_components, n_features, dtype):
+        return jnp.eye(n_features, dtype=dtype)
+
+    @staticmethod
+    def check_covariances(covariances, n_components, n_features):
+        shape = Tied.covariance_shape(n_components, n_features)
+        _check_shape("covariances", covariances, shape, "tied")
+        _check_spd("covariances", covariances)
+
+
+class Diag(CovarianceStructure):
+    name = "diag"
+    scatter_about_means = False
+
+    @staticmethod
+    def covariance_shape(n_components, n_features):
+        return (n_components, n_features)
+
+    @staticmethod
+    def n_covariance_parameters(n_components, n_features):
+        return n_components * n_features
+
+    @staticmethod
+    def precisions_cholesky_from_covariances(covariances):
+        return 1.0 / jnp.sqrt(covariances)
+
+    @staticmethod
+    def covariances_from_precisions_cholesky(precisions_cholesky):
+        return 1.0 / precisions_cholesky**2
+
+    @staticmethod
+    def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
+        return jnp.sum(jnp.log(precisions_cholesky), axis=-1)
+
+    @staticmethod
+    def squared_mahalanobis(x, means, precisions_cholesky):
+        # Expanded into matrix products (sklearn's form); x is already centred
+        # on the data, so the cancellation stays small.
+        precisions = precisions_cholesky**2
+        return (
+            jnp.sum(means**2 * precisions, axis=-1)[None, :]
+            - 2.0 * x @ (means * precisions).T
+            + (x**2) @ precisions.T
+        )
+
+    @staticmethod
+    def scatter(x, weighted_resp, shift):
+        return weighted_resp.T @ (x**2)
+
+    @staticmethod
+    def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
+        variances = jnp.maximum(scatter / counts[:, None] - offsets**2, 0.0) + reg_covar
+        if max_condition is not None:
+            floor = jnp.max(variances, axis=-1, keepdims=True) / max_condition
+            variances = jnp.maximum(variances, floor)
+        return variances
+
+    @staticmethod
+    def sampling_factor(precisions_cholesky):
+        return 1.0 / precisions_cholesky
+
+    @staticmethod
+    def scale_noise(factor, noise, labels):
+        return factor[labels] * noise
+
+    @staticmethod
+    def keep_previous(new, previous, keep):
+        keep = keep | ~jnp.all(jnp.isfinite(new), axis=-1)
+        return jnp.where(keep[:, None], previous, new)
+
+    @staticmethod
+    def identity(n_components, n_features, dtype):
+        return jnp.ones((n_components, n_features), dtype)
+
+    @staticmethod
+    def check_covariances(covariances, n_components, n_features):
+        shape = Diag.covariance_shape(n_components, n_features)
+        _check_shape("covariances", covariances, shape, "diag")
+        _check_positive("covariances", covariances)
+
+
+class Spherical(CovarianceStructure):
+    name = "spherical"
+    scatter_about_means = False
+
+    @staticmethod
+    def covariance_shape(n_components, n_features):
+        return (n_components,)
+
+    @staticmethod
+    def n_covariance_parameters(n_components, n_features):
+        return n_components
+
+    @staticmethod
+    def precisions_cholesky_from_covariances(covariances):
+        return 1.0 / jnp.sqrt(covariances)
+
+    @staticmethod
+    def covariances_from_precisions_cholesky(precisions_cholesky):
+        return 1.0 / precisions_cholesky**2
+
+    @staticmethod
+    def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
+        return n_features * jnp.log(precisions_cholesky)
+
+    @staticmethod
+    def squared_mahalanobis(x, means, precisions_cholesky):
+        precisions = precisions_cholesky**2
+        squared_distance = (
+            jnp.sum(means**2, axis=-1)[None, :]
+            - 2.0 * x @ means.T
+            + jnp.sum(x**2, axis=-1)[:, None]
+        )
+        return squared_distance * precisions[None, :]
+
+    @staticmethod
+    def scatter(x, weighted_resp, shift):
+        return Diag.scatter(x, weighted_resp, shift)
+
+    @staticmethod
+    def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
+        # sklearn: the mean of the diagonal covariance; one number per
+        # component, so the condition number is always 1.
+        variances = Diag.covariances_from_scatter(
+            scatter, counts, offsets, reg_covar, None
+        )
+        return jnp.mean(variances, axis=-1)
+
+    @staticmethod
+    def sampling_factor(precisions_cholesky):
+        return 1.0 / precisions_cholesky
+
+    @staticmethod
+    def scale_noise(factor, noise, labels):
+        return factor[labels][:, None] * noise
+
+    @staticmethod
+    def keep_previous(new, previous, keep):
+        return jnp.where(keep | ~jnp.isfinite(new), previous, new)
+
+    @staticmethod
+    def identity(n_components, n_features, dtype):
+        return jnp.ones((n_components,), dtype)
+
+    @staticmethod
+    def check_covariances(covariances, n_components, n_features):
+        shape = Spherical.covariance_shape(n_components, n_features)
+        _check_shape("covariances", covariances, shape, "spherical")
+        _check_positive("covariances", covariances)
+
+
+COVARIANCE_TYPES: dict[str, type[CovarianceStructure]] = {
+    structure.name: structure for structure in (Full, Diag, Spherical, Tied)
+}
+
+
+def structure_for(covariance_type: str) -> type[CovarianceStructure]:
+    """The structure for a covariance type name; ``ValueError`` if unknown."""
+    try:
+        return COVARIANCE_TYPES[covariance_type]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"`covariance_type` must be one of {sorted(COVARIANCE_TYPES)}, "
+            f"got {covariance_type!r}"
+        ) from None
+
+
+def log_normaliser(n_features: int) -> float:
+    return 0.5 * n_features * math.log(2.0 * math.pi)

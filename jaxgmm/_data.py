@@ -1,0 +1,159 @@
+"""A data set seen in row chunks: centring, sanitising and chunked sums.
+
+Every pass over the rows in jaxgmm goes through :class:`Data`, so that
+(1) memory stays O(chunk * K * D) whatever N is (``lax.scan`` over chunks of
+a fixed static size, never a copy of ``x``), (2) rows that are not there
+(weight 0, or non-finite) are masked in one place, and (3) all arithmetic
+happens in coordinates centred on the data, so far-off data keep their
+precision in float32.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from ._status import Status
+
+# Elements of the largest per-chunk temporary (rows * K * D) we aim for.
+CHUNK_ELEMENTS = 1 << 17
+
+
+def rows_per_chunk(n_rows: int, n_components: int, n_features: int) -> int:
+    """Static chunk size: the whole data set when small, else a fixed budget."""
+    budget = max(CHUNK_ELEMENTS // max(n_components * n_features, 1), 64)
+    return max(1, min(n_rows, budget))
+
+
+class Data(eqx.Module):
+    """Rows ``x`` with weights, a centre and the chunk size to process them with."""
+
+    x: Float[Array, "n d"]
+    sample_weight: Float[Array, " n"]
+    centre: Float[Array, " d"]
+    unit_weights: Bool[Array, ""]
+    chunk_size: int = eqx.field(static=True)
+
+    @property
+    def n_rows(self) -> int:
+        return self.x.shape[0]
+
+    def weights(self, x_chunk, weight_chunk):
+        """Effective weights: 0 for non-finite rows, 1 everywhere in fallback."""
+        finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+        usable = jnp.where(self.unit_weights, 1.0, jnp.maximum(weight_chunk, 0.0))
+        return jnp.where(finite & jnp.isfinite(usable), usable, 0.0).astype(x_chunk.dtype)
+
+    def rows(self, x_chunk, weight_chunk):
+        """Centred, sanitised rows and their effective weights."""
+        finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+        xc = jnp.where(finite[:, None], x_chunk - self.centre, 0.0)
+        return xc, self.weights(x_chunk, weight_chunk)
+
+    def _slices(self):
+        """(number of full chunks, size of the remainder)."""
+        return divmod(self.n_rows, self.chunk_size)
+
+    def _chunk(self, start, size):
+        x_chunk = lax.dynamic_slice_in_dim(self.x, start, size)
+        w_chunk = lax.dynamic_slice_in_dim(self.sample_weight, start, size)
+        return self.rows(x_chunk, w_chunk)
+
+    def sum(self, fn):
+        """``sum over chunks of fn(xc, weight, row_index)`` for a pytree-valued fn."""
+        n_full, remainder = self._slices()
+        total = None
+        if n_full == 1 and remainder == 0:
+            xc, weight = self.rows(self.x, self.sample_weight)
+            return fn(xc, weight, jnp.arange(self.n_rows))
+        if n_full > 0:
+            size = self.chunk_size
+
+            def body(acc, start):
+                xc, weight = self._chunk(start, size)
+                out = fn(xc, weight, start + jnp.arange(size))
+                return jax.tree.map(jnp.add, acc, out), None
+
+            out_shape = jax.eval_shape(
+                fn,
+                jax.ShapeDtypeStruct((size, self.x.shape[1]), self.x.dtype),
+                jax.ShapeDtypeStruct((size,), self.x.dtype),
+                jax.ShapeDtypeStruct((size,), jnp.int32),
+            )
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+            starts = jnp.arange(n_full, dtype=jnp.int32) * size
+            total, _ = lax.scan(body, zeros, starts)
+        if remainder > 0:
+            start = n_full * self.chunk_size
+            xc, weight = self.rows(self.x[start:], self.sample_weight[start:])
+            out = fn(xc, weight, start + jnp.arange(remainder))
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        return total
+
+    def map(self, fn):
+        """Row-wise ``fn(xc, weight, row_index) -> (n, ...)`` over chunks, concatenated."""
+        n_full, remainder = self._slices()
+        if n_full == 1 and remainder == 0:
+            xc, weight = self.rows(self.x, self.sample_weight)
+            return fn(xc, weight, jnp.arange(self.n_rows))
+        pieces = []
+        if n_full > 0:
+            size = self.chunk_size
+
+            def body(_, start):
+                xc, weight = self._chunk(start, size)
+                return None, fn(xc, weight, start + jnp.arange(size))
+
+            starts = jnp.arange(n_full, dtype=jnp.int32) * size
+            _, stacked = lax.scan(body, None, starts)
+            pieces.append(stacked.reshape((n_full * size,) + stacked.shape[2:]))
+        if remainder > 0:
+            start = n_full * self.chunk_size
+            xc, weight = self.rows(self.x[start:], self.sample_weight[start:])
+            pieces.append(fn(xc, weight, start + jnp.arange(remainder)))
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+
+def data_status(
+    x: Float[Array, "n d"], sample_weight: Float[Array, " n"], n_components: int
+) -> Int[Array, ""]:
+    """The first problem found in the input, as a :class:`Status` code."""
+    finite_rows = jnp.all(jnp.isfinite(x), axis=-1)
+    nonfinite = jnp.any(~finite_rows & (sample_weight != 0))
+    negative = jnp.any(~jnp.isfinite(sample_weight) | (sample_weight < 0))
+    usable = jnp.sum((sample_weight > 0) & finite_rows)
+    status = jnp.where(usable < n_components, Status.too_few_weighted_rows, 0)
+    status = jnp.where(negative, Status.negative_weights, status)
+    status = jnp.where(nonfinite, Status.nonfinite_input, status)
+    return status.astype(jnp.int32)
+
+
+def make_data(
+    x: Float[Array, "n d"],
+    sample_weight: Float[Array, " n"],
+    status: Int[Array, ""],
+    n_components: int,
+) -> Data:
+    """Wrap checked input: masks bad rows, picks the centre and the chunk size.
+
+    When ``status`` reports a problem, every finite row gets unit weight so
+    that the fit can still return finite parameters.
+    """
+    n, d = x.shape
+    chunk = rows_per_chunk(n, n_components, d)
+    unit = status != Status.success
+    data = Data(x, sample_weight, jnp.zeros((d,), x.dtype), unit, chunk)
+    # The centre is the first usable row plus the weighted mean offset from
+    # it: no cancellation, and independent of zero-weight padding.
+    weight = data.weights(x, sample_weight)
+    first = jnp.argmax(weight > 0)
+    anchor = jnp.where(jnp.isfinite(x[first]), x[first], 0.0)
+    data = Data(x, sample_weight, anchor, unit, chunk)
+    total, moment = data.sum(
+        lambda xc, w, _: (jnp.sum(w), jnp.sum(w[:, None] * xc, axis=0))
+    )
+    offset = moment / jnp.maximum(total, jnp.finfo(x.dtype).tiny)
+    return Data(x, sample_weight, anchor + offset, unit, chunk)

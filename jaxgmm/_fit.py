@@ -1,0 +1,378 @@
+"""EM fitting: ``em_step``, ``em_steps`` and ``fit``."""
+
+from __future__ import annotations
+
+import numbers
+from functools import partial
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ._covariance import structure_for
+from ._data import Data, data_status, make_data
+from ._gmm import GMM, is_concrete
+from ._init import check_init, initial_gmm
+from ._stats import e_step_stats, m_step, mean_log_likelihood
+from ._status import MESSAGES, Status
+
+
+class FitResult(eqx.Module):
+    """What :func:`fit` returns (every leaf gains a leading axis under ``vmap``).
+
+    Attributes:
+        gmm: the fitted :class:`GMM`.
+        log_likelihood: mean (weighted) log-likelihood per sample of the
+            parameters before the last M-step: scikit-learn's ``lower_bound_``.
+        n_iter: EM iterations run (int32).
+        converged: whether the change in mean log-likelihood fell below ``tol``.
+        history: ``(max_iter,)`` mean log-likelihood of each iteration, NaN
+            after ``n_iter``.
+        status: int32 :class:`Status` code; ``Status.success`` (0) when all
+            went well.
+    """
+
+    gmm: GMM
+    log_likelihood: Float[Array, ""]
+    n_iter: Int[Array, ""]
+    converged: Bool[Array, ""]
+    history: Float[Array, " max_iter"]
+    status: Int[Array, ""]
+
+
+def shift_means(gmm: GMM, delta: Array) -> GMM:
+    return eqx.tree_at(lambda g: g.means, gmm, gmm.means + delta)
+
+
+# -- argument checks (Python level, before tracing) ----------------------------
+
+
+def prepare_x(x) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"`x` must be a 2-D array (N, D), got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"`x` must have at least one row and one column, got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def prepare_weight(sample_weight, x: Array) -> Array:
+    if sample_weight is None:
+        return jnp.ones((x.shape[0],), x.dtype)
+    sample_weight = jnp.asarray(sample_weight).astype(x.dtype)
+    if sample_weight.shape != (x.shape[0],):
+        raise ValueError(
+            f"`sample_weight` must have shape ({x.shape[0]},) to match `x`, "
+            f"got {sample_weight.shape}"
+        )
+    return sample_weight
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`{name}` must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_options(reg_covar, max_condition, tol=0.0) -> None:
+    for name, value in (("reg_covar", reg_covar), ("tol", tol)):
+        if isinstance(value, numbers.Real) and not value >= 0:
+            raise ValueError(f"`{name}` must be non-negative, got {value}")
+    if max_condition is not None and isinstance(max_condition, numbers.Real):
+        if not max_condition >= 1:
+            raise ValueError(f"`max_condition` must be at least 1, got {max_condition}")
+
+
+def check_gmm_matches(gmm: GMM, x: Array, name: str) -> None:
+    if not isinstance(gmm, GMM):
+        raise ValueError(f"`{name}` must be a jaxgmm.GMM, got {type(gmm).__name__}")
+    if gmm.n_features != x.shape[1]:
+        raise ValueError(
+            f"`{name}` has {gmm.n_features} features but `x` has {x.shape[1]}"
+        )
+
+
+def cast_gmm(gmm: GMM, dtype) -> GMM:
+    return jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), gmm)
+
+
+_status_jit = jax.jit(data_status, static_argnums=2)
+
+
+def raise_for_bad_data(x: Array, sample_weight: Array, n_components: int) -> None:
+    """Eagerly (outside ``jit``) turn a bad-data status into a ``ValueError``."""
+    if is_concrete(x, sample_weight):
+        status = int(_status_jit(x, sample_weight, n_components))
+        if status != Status.success:
+            raise ValueError(Status(status).message)
+
+
+def _error_if_bad(x: Array, status: Array) -> Array:
+    return eqx.branched_error_if(x, status != Status.success, status, MESSAGES)
+
+
+# -- EM ------------------------------------------------------------------------
+
+
+def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition):
+    dtype = data.x.dtype
+    history = jnp.full((max_iter,), jnp.nan, dtype)
+    minus_inf = jnp.array(-jnp.inf, dtype)
+
+    def cond(carry):
+        _, iteration, _, _, converged = carry
+        return (iteration < max_iter) & ~converged
+
+    def body(carry):
+        gmm, iteration, history, previous, _ = carry
+        stats = e_step_stats(gmm, data)
+        log_likelihood = mean_log_likelihood(stats)
+        gmm = m_step(stats, gmm, reg_covar, max_condition)
+        converged = jnp.abs(log_likelihood - previous) < tol
+        history = history.at[iteration].set(log_likelihood)
+        return gmm, iteration + 1, history, log_likelihood, converged
+
+    carry = (gmm, jnp.array(0, jnp.int32), history, minus_inf, jnp.array(False))
+    gmm, n_iter, history, log_likelihood, converged = lax.while_loop(cond, body, carry)
+    return gmm, log_likelihood, n_iter, converged, history
+
+
+@partial(
+    jax.jit,
+    static_argnames=(
+        "n_components",
+        "covariance_type",
+        "max_iter",
+        "init",
+        "n_init",
+        "throw",
+    ),
+)
+def _fit(
+    key,
+    x,
+    sample_weight,
+    init_gmm,
+    tol,
+    reg_covar,
+    max_condition,
+    *,
+    n_components,
+    covariance_type,
+    max_iter,
+    init,
+    n_init,
+    throw,
+):
+    status = data_status(x, sample_weight, n_components)
+    if throw:
+        x = _error_if_bad(x, status)
+    data = make_data(x, sample_weight, status, n_components)
+
+    def run(key):
+        if init_gmm is None:
+            start = initial_gmm(
+                key, data, n_components, covariance_type, init, reg_covar, max_condition
+            )
+        else:
+            start = shift_means(init_gmm, -data.centre)
+        return _em_loop(start, data, max_iter, tol, reg_covar, max_condition)
+
+    if n_init == 1:
+        gmm, log_likelihood, n_iter, converged, history = run(key)
+    else:
+        runs = jax.vmap(run)(jax.random.split(key, n_init))
+        scores = jnp.where(jnp.isnan(runs[1]), -jnp.inf, runs[1])
+        best = jnp.argmax(scores)
+        gmm, log_likelihood, n_iter, converged, history = jax.tree.map(
+            lambda leaf: leaf[best], runs
+        )
+    gmm = shift_means(gmm, data.centre)
+    finite = jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(gmm)])
+    )
+    status = jnp.where(
+        (status == Status.success) & ~finite, Status.nonfinite_parameters, status
+    ).astype(jnp.int32)
+    if throw:
+        log_likelihood = _error_if_bad(log_likelihood, status)
+    return FitResult(gmm, log_likelihood, n_iter, converged, history, status)
+
+
+def fit(
+    key: PRNGKeyArray,
+    x: Float[Array, "n d"],
+    n_components: int,
+    *,
+    covariance_type: str = "full",
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    reg_covar: float = 1e-6,
+    max_condition: float | None = None,
+    init: str = "kmeans++",
+    n_init: int = 1,
+    init_gmm: GMM | None = None,
+    sample_weight: Float[Array, " n"] | None = None,
+    throw: bool = True,
+) -> FitResult:
+    r"""Fit a Gaussian mixture to ``x`` by expectation-maximisation.
+
+    Each iteration ``i`` computes the mean (weighted) log-likelihood of the
+    current parameters in its E-step (``history[i]``) and then makes its
+    M-step; the loop stops once ``abs(history[i] - history[i-1]) < tol`` or
+    after ``max_iter`` iterations, exactly as scikit-learn's
+    ``GaussianMixture``. With ``tol=0`` exactly ``max_iter`` iterations run.
+    The loop is a ``lax.while_loop`` and rows are processed in chunks with
+    ``lax.scan``, so memory does not grow with N * K * D.
+
+    Args:
+        key: PRNG key for the initialisation.
+        x: ``(N, D)`` data.
+        n_components: number of components K.
+        covariance_type: ``"full"``, ``"diag"``, ``"spherical"`` or ``"tied"``.
+        max_iter: maximum EM iterations (at least 1).
+        tol: convergence threshold on the change in mean log-likelihood.
+        reg_covar: added to every covariance's diagonal.
+        max_condition: cap on each covariance's condition number (eigenvalues
+            are raised to at least ``largest / max_condition``); None for no cap.
+        init: ``"kmeans++"``, ``"kmeans"``, ``"random"`` or ``"random_from_data"``.
+        n_init: restarts (vmapped over keys); the best log-likelihood is kept.
+        init_gmm: start from these parameters instead (a warm start).
+        sample_weight: ``(N,)`` non-negative row weights; 0 means the row is
+            absent, so zero-weight padding gives the same fit.
+        throw: if True, bad input raises (``ValueError`` eagerly, an equinox
+            runtime error under ``jit``); if False it is reported in
+            ``result.status`` and the parameters are still finite.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Example:
+        >>> import jax, jaxgmm
+        >>> x = jax.random.normal(jax.random.key(0), (500, 2))
+        >>> result = jaxgmm.fit(jax.random.key(1), x, 3)
+        >>> result.gmm.means.shape
+        (3, 2)
+        >>> keys = jax.random.split(jax.random.key(2), 8)
+        >>> xs = jax.random.normal(jax.random.key(3), (8, 200, 2))
+        >>> batch = jax.vmap(lambda k, x: jaxgmm.fit(k, x, 3))(keys, xs)
+        >>> batch.gmm.weights.shape
+        (8, 3)
+    """
+    structure_for(covariance_type)
+    check_init(init)
+    n_components = check_positive_int("n_components", n_components)
+    max_iter = check_positive_int("max_iter", max_iter)
+    n_init = check_positive_int("n_init", n_init)
+    check_options(reg_covar, max_condition, tol)
+    x = prepare_x(x)
+    sample_weight = prepare_weight(sample_weight, x)
+    if init_gmm is not None:
+        check_gmm_matches(init_gmm, x, "init_gmm")
+        if init_gmm.covariance_type != covariance_type:
+            raise ValueError(
+                f"`init_gmm` has covariance_type={init_gmm.covariance_type!r} but "
+                f"`covariance_type` is {covariance_type!r}"
+            )
+        if init_gmm.n_components != n_components:
+            raise ValueError(
+                f"`init_gmm` has {init_gmm.n_components} components but "
+                f"`n_components` is {n_components}"
+            )
+        init_gmm = cast_gmm(init_gmm, x.dtype)
+    if throw:
+        raise_for_bad_data(x, sample_weight, n_components)
+    return _fit(
+        key,
+        x,
+        sample_weight,
+        init_gmm,
+        jnp.asarray(tol, x.dtype),
+        jnp.asarray(reg_covar, x.dtype),
+        None if max_condition is None else jnp.asarray(max_condition, x.dtype),
+        n_components=n_components,
+        covariance_type=covariance_type,
+        max_iter=max_iter,
+        init=init,
+        n_init=n_init,
+        throw=bool(throw),
+    )
+
+
+@partial(jax.jit, static_argnames=("n_steps",))
+def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
+    status = data_status(x, sample_weight, gmm.n_components)
+    x = _error_if_bad(x, status)
+    data = make_data(x, sample_weight, status, gmm.n_components)
+
+    def step(gmm, _):
+        stats = e_step_stats(gmm, data)
+        return m_step(stats, gmm, reg_covar, max_condition), mean_log_likelihood(stats)
+
+    gmm, log_likelihoods = lax.scan(
+        step, shift_means(gmm, -data.centre), None, length=n_steps
+    )
+    return shift_means(gmm, data.centre), log_likelihoods
+
+
+def _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition):
+    x = prepare_x(x)
+    check_gmm_matches(gmm, x, "gmm")
+    check_options(reg_covar, max_condition)
+    sample_weight = prepare_weight(sample_weight, x)
+    raise_for_bad_data(x, sample_weight, gmm.n_components)
+    max_condition = None if max_condition is None else jnp.asarray(max_condition, x.dtype)
+    return cast_gmm(gmm, x.dtype), x, sample_weight, jnp.asarray(reg_covar, x.dtype), max_condition
+
+
+def em_step(
+    gmm: GMM,
+    x: Float[Array, "n d"],
+    sample_weight: Float[Array, " n"] | None = None,
+    *,
+    reg_covar: float = 1e-6,
+    max_condition: float | None = None,
+) -> tuple[GMM, Float[Array, ""]]:
+    """One E-step and one M-step.
+
+    Returns ``(new_gmm, mean_log_likelihood_of_gmm)``: the log-likelihood is
+    that of the *input* parameters, as in scikit-learn's loop.
+
+    Example:
+        >>> new_gmm, log_likelihood = jaxgmm.em_step(gmm, x)  # doctest: +SKIP
+    """
+    args = _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition)
+    new_gmm, log_likelihoods = _em_steps(*args, n_steps=1)
+    return new_gmm, log_likelihoods[0]
+
+
+def em_steps(
+    gmm: GMM,
+    x: Float[Array, "n d"],
+    n_steps: int,
+    sample_weight: Float[Array, " n"] | None = None,
+    *,
+    reg_covar: float = 1e-6,
+    max_condition: float | None = None,
+) -> GMM:
+    """Exactly ``n_steps`` EM steps as a ``lax.scan``, with no stopping rule.
+
+    Being a fixed-length scan, it is differentiable: ``jax.grad`` of any loss
+    of the returned mixture works with respect to ``x``, ``sample_weight``
+    and the array leaves of ``gmm``.
+
+    Example:
+        >>> loss = lambda x: jaxgmm.em_steps(gmm, x, 10).means.sum()  # doctest: +SKIP
+        >>> jax.grad(loss)(x).shape  # doctest: +SKIP
+        (N, D)
+    """
+    n_steps = check_positive_int("n_steps", n_steps, minimum=0)
+    args = _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition)
+    new_gmm, _ = _em_steps(*args, n_steps=n_steps)
+    return new_gmm

@@ -1,0 +1,249 @@
+"""The Gaussian mixture model: an immutable pytree with density methods."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._covariance import CovarianceStructure, log_normaliser, structure_for
+
+
+def is_concrete(*arrays) -> bool:
+    """True when no argument is a tracer, so values can be checked eagerly."""
+    return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
+
+
+class GMM(eqx.Module):
+    r"""A Gaussian mixture :math:`p(x) = \sum_k \pi_k \mathcal{N}(x | \mu_k, \Sigma_k)`.
+
+    An immutable pytree (``equinox.Module``): ``weights``, ``means`` and
+    ``precisions_cholesky`` are its array leaves, ``covariance_type`` is static.
+    A batch of mixtures is a ``GMM`` whose leaves carry leading batch axes,
+    as ``jax.vmap`` produces.
+
+    Covariances are stored as the Cholesky factor of each precision matrix,
+    with scikit-learn's shapes and meaning: ``full`` (K, D, D) upper
+    triangular :math:`P_k` with :math:`\Sigma_k^{-1} = P_k P_k^T`; ``diag``
+    (K, D) and ``spherical`` (K,) inverse standard deviations; ``tied``
+    (D, D), one factor shared by every component.
+
+    Args:
+        weights: ``(K,)`` non-negative mixing weights summing to one.
+        means: ``(K, D)`` component means.
+        covariances: scikit-learn shaped covariances (see above).
+        covariance_type: ``"full"``, ``"diag"``, ``"spherical"`` or ``"tied"``.
+
+    Construction from concrete arrays validates them and raises
+    ``ValueError`` naming the offending argument.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxgmm
+        >>> gmm = jaxgmm.GMM(jnp.array([0.3, 0.7]), jnp.array([[0.0], [3.0]]),
+        ...                  jnp.array([[[1.0]], [[0.5]]]))
+        >>> gmm.log_prob(jnp.array([[0.0], [3.0]])).shape
+        (2,)
+    """
+
+    weights: Float[Array, " k"]
+    means: Float[Array, "k d"]
+    precisions_cholesky: Array
+    covariance_type: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        weights,
+        means,
+        covariances=None,
+        covariance_type: str = "full",
+        *,
+        precisions_cholesky=None,
+    ):
+        structure = structure_for(covariance_type)
+        if (covariances is None) == (precisions_cholesky is None):
+            raise ValueError(
+                "give exactly one of `covariances` and `precisions_cholesky`"
+            )
+        weights = jnp.asarray(weights)
+        means = jnp.asarray(means)
+        if not jnp.issubdtype(means.dtype, jnp.floating):
+            means = means.astype(jnp.result_type(float))
+        dtype = means.dtype
+        weights = weights.astype(dtype)
+        if covariances is not None:
+            covariances = jnp.asarray(covariances).astype(dtype)
+            if is_concrete(weights, means, covariances):
+                _check_parameters(structure, weights, means, covariances)
+            precisions_cholesky = structure.precisions_cholesky_from_covariances(
+                covariances
+            )
+        else:
+            precisions_cholesky = jnp.asarray(precisions_cholesky).astype(dtype)
+            if is_concrete(weights, means, precisions_cholesky):
+                covariances = structure.covariances_from_precisions_cholesky(
+                    precisions_cholesky
+                )
+                _check_parameters(
+                    structure, weights, means, covariances, "precisions_cholesky"
+                )
+        self.weights = weights
+        self.means = means
+        self.precisions_cholesky = precisions_cholesky
+        self.covariance_type = covariance_type
+
+    @classmethod
+    def from_precisions_cholesky(
+        cls, weights, means, precisions_cholesky, covariance_type: str = "full"
+    ) -> GMM:
+        """Build a mixture from scikit-learn shaped precision Cholesky factors."""
+        return cls(
+            weights,
+            means,
+            covariance_type=covariance_type,
+            precisions_cholesky=precisions_cholesky,
+        )
+
+    # -- shapes and derived parameters ------------------------------------
+
+    @property
+    def structure(self) -> type[CovarianceStructure]:
+        return structure_for(self.covariance_type)
+
+    @property
+    def n_components(self) -> int:
+        """Number of components K (a Python int)."""
+        return self.means.shape[-2]
+
+    @property
+    def n_features(self) -> int:
+        """Number of features D (a Python int)."""
+        return self.means.shape[-1]
+
+    @property
+    def covariances(self) -> Array:
+        """Covariances in scikit-learn's shape for ``covariance_type``."""
+        return self.structure.covariances_from_precisions_cholesky(
+            self.precisions_cholesky
+        )
+
+    @property
+    def n_parameters(self) -> int:
+        """Free parameters, scikit-learn's count: covariances + means + K - 1."""
+        k, d = self.n_components, self.n_features
+        return self.structure.n_covariance_parameters(k, d) + k * d + k - 1
+
+    # -- densities ----------------------------------------------------------
+
+    def _gaussian_log_prob(self, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
+        squared = self.structure.squared_mahalanobis(
+            x, self.means, self.precisions_cholesky
+        )
+        log_det = self.structure.log_det_precisions_cholesky(
+            self.precisions_cholesky, self.n_components, self.n_features
+        )
+        return -0.5 * squared + log_det[None, :] - log_normaliser(self.n_features)
+
+    def component_log_prob(self, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
+        r"""``(N, K)`` joint log densities :math:`\log \pi_k + \log \mathcal{N}(x_n | \mu_k, \Sigma_k)`.
+
+        Example:
+            >>> gmm.component_log_prob(x).shape  # doctest: +SKIP
+            (N, K)
+        """
+        x = self._check_x(x)
+        return self._gaussian_log_prob(x) + jnp.log(self.weights)[None, :]
+
+    def log_prob(self, x: Float[Array, "n d"]) -> Float[Array, " n"]:
+        r"""``(N,)`` log density :math:`\log p(x_n)`, by log-sum-exp over components.
+
+        Example:
+            >>> gmm.log_prob(x).shape  # doctest: +SKIP
+            (N,)
+        """
+        return jax.nn.logsumexp(self.component_log_prob(x), axis=-1)
+
+    def responsibilities(self, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
+        r"""``(N, K)`` posterior :math:`p(z_n = k | x_n)`; rows sum to one.
+
+        Computed in log space, so far-off points still get a valid row.
+        """
+        return jax.nn.softmax(self.component_log_prob(x), axis=-1)
+
+    def predict(self, x: Float[Array, "n d"]) -> Int[Array, " n"]:
+        """``(N,)`` int32 index of the most responsible component per row."""
+        return jnp.argmax(self.component_log_prob(x), axis=-1).astype(jnp.int32)
+
+    def score(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
+        r"""``(N, D)`` gradient of the log density with respect to each row.
+
+        :math:`\nabla_x \log p(x) = -\sum_k r_k(x)\, \Sigma_k^{-1} (x - \mu_k)`.
+        """
+        x = self._check_x(x)
+        return jax.grad(lambda rows: jnp.sum(self.log_prob(rows)))(x)
+
+    def sample(
+        self, key: PRNGKeyArray, n: int
+    ) -> tuple[Float[Array, "n d"], Int[Array, " n"]]:
+        """Draw ``n`` points: returns ``(x (n, D), z (n,))`` with component labels.
+
+        Each draw picks its component first and then transforms standard
+        normal noise with only that component's factor: O(D^2) per draw,
+        independent of K.
+
+        Example:
+            >>> x, z = gmm.sample(jax.random.key(0), 100)  # doctest: +SKIP
+        """
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"`n` must be a non-negative int, got {n!r}")
+        key_labels, key_noise = jax.random.split(key)
+        labels = jax.random.categorical(
+            key_labels, jnp.log(self.weights), shape=(int(n),)
+        ).astype(jnp.int32)
+        noise = jax.random.normal(key_noise, (int(n), self.n_features), self.means.dtype)
+        factor = self.structure.sampling_factor(self.precisions_cholesky)
+        x = self.means[labels] + self.structure.scale_noise(factor, noise, labels)
+        return x, labels
+
+    def _check_x(self, x) -> Array:
+        x = jnp.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"`x` must be 2-D (N, D), got shape {x.shape}")
+        if x.shape[1] != self.n_features:
+            raise ValueError(
+                f"`x` has {x.shape[1]} features but the mixture has {self.n_features}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(self.means.dtype)
+        return x
+
+
+def _check_parameters(
+    structure, weights, means, covariances, covariance_name: str = "covariances"
+):
+    weights = np.asarray(weights, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    covariances = np.asarray(covariances, dtype=np.float64)
+    if weights.ndim != 1:
+        raise ValueError(f"`weights` must be 1-D (K,), got shape {weights.shape}")
+    if means.ndim != 2:
+        raise ValueError(f"`means` must be 2-D (K, D), got shape {means.shape}")
+    k, d = means.shape
+    if weights.shape[0] != k:
+        raise ValueError(
+            f"`weights` has {weights.shape[0]} components but `means` has {k}"
+        )
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError("`weights` must be finite and non-negative")
+    if not math.isclose(weights.sum(), 1.0, abs_tol=1e-4 * max(1, k)):
+        raise ValueError(f"`weights` must sum to 1, got {weights.sum():.6g}")
+    if not np.all(np.isfinite(means)):
+        raise ValueError("`means` contains NaN or infinite values")
+    try:
+        structure.check_covariances(covariances, k, d)
+    except ValueError as error:
+        message = str(error).replace("`covariances`", f"`{covariance_name}`")
+        raise ValueError(message) from None

@@ -1,0 +1,231 @@
+"""Initialisation: k-means++, k-means (Lloyd), random responsibilities, random rows.
+
+Everything is jit- and vmap-able and weighted. No random draw depends on the
+number of rows: indices are drawn by inverse-CDF over cumulative weights, and
+per-row randomness is keyed by the row's index (``fold_in``), so padding a
+data set with zero-weight rows never changes the initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._data import Data
+from ._gmm import GMM
+from ._stats import Stats, m_step, scatter_shift, stats_from_responsibilities
+
+INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
+
+
+def check_init(init: str) -> None:
+    if init not in INIT_METHODS:
+        raise ValueError(f"`init` must be one of {INIT_METHODS}, got {init!r}")
+
+
+def _centred_rows(data: Data) -> tuple[Array, Array]:
+    """All rows, centred and masked; XLA fuses this into its consumers."""
+    finite = jnp.all(jnp.isfinite(data.x), axis=-1)
+    xc = jnp.where(finite[:, None], data.x - data.centre, 0.0)
+    return xc, data.weights(data.x, data.sample_weight)
+
+
+def _squared_distance(xc: Float[Array, "n d"], point: Float[Array, " d"]) -> Array:
+    return jnp.sum((xc - point) ** 2, axis=-1)
+
+
+def _draw_index(u: Array, cumulative: Float[Array, " n"]) -> Int[Array, "..."]:
+    """Index ``i`` with probability ``increment_i / total``: inverse CDF."""
+    target = u * cumulative[-1]
+    index = jnp.searchsorted(cumulative, target, side="right")
+    return jnp.minimum(index, cumulative.shape[0] - 1)
+
+
+def kmeans_plusplus(
+    key: PRNGKeyArray, data: Data, n_clusters: int
+) -> tuple[Float[Array, "k d"], Int[Array, " k"]]:
+    """Greedy weighted k-means++ seeding (scikit-learn's ``kmeans_plusplus``).
+
+    Returns centres in the data's centred coordinates and their row indices.
+    Each new centre is the best of ``2 + log(k)`` candidates drawn with
+    probability proportional to weight times squared distance.
+    """
+    xc, weight = _centred_rows(data)
+    n_trials = 2 + int(math.log(n_clusters))
+    first = _draw_index(jax.random.uniform(jax.random.fold_in(key, 0)), jnp.cumsum(weight))
+    closest = _squared_distance(xc, xc[first])
+    indices = jnp.zeros((n_clusters,), jnp.int32).at[0].set(first)
+
+    def add_centre(c, carry):
+        indices, closest = carry
+        u = jax.random.uniform(jax.random.fold_in(key, c), (n_trials,))
+        weighted = weight * closest
+        # When every point sits on a centre already, fall back to the weights.
+        cumulative = jnp.where(
+            jnp.sum(weighted) > 0, jnp.cumsum(weighted), jnp.cumsum(weight)
+        )
+        candidates = _draw_index(u, cumulative)
+
+        def potential(candidate):
+            return jnp.sum(
+                weight * jnp.minimum(closest, _squared_distance(xc, xc[candidate]))
+            )
+
+        best = candidates[jnp.argmin(lax.map(potential, candidates))]
+        closest = jnp.minimum(closest, _squared_distance(xc, xc[best]))
+        return indices.at[c].set(best), closest
+
+    indices, _ = lax.fori_loop(1, n_clusters, add_centre, (indices, closest))
+    return xc[indices], indices
+
+
+def lloyd(
+    data: Data, centres: Float[Array, "k d"], max_iter: int, tol: float = 1e-4
+) -> tuple[Float[Array, "k d"], Int[Array, ""]]:
+    """Weighted Lloyd iterations from ``centres`` (centred coordinates).
+
+    Stops when the total squared centre shift is at most ``tol`` times the
+    mean per-feature variance (scikit-learn's rule) or after ``max_iter``.
+    An empty cluster keeps its centre.
+    """
+    n_clusters = centres.shape[0]
+    total, first, second = data.sum(
+        lambda xc, w, _: (jnp.sum(w), w @ xc, w @ (xc**2))
+    )
+    total = jnp.maximum(total, jnp.finfo(centres.dtype).tiny)
+    variance = jnp.maximum(second / total - (first / total) ** 2, 0.0)
+    tolerance = tol * jnp.mean(variance)
+
+    def update(centres):
+        def chunk(xc, w, _):
+            labels = _nearest(xc, centres)
+            onehot = jax.nn.one_hot(labels, n_clusters, dtype=xc.dtype) * w[:, None]
+            return jnp.sum(onehot, axis=0), onehot.T @ xc
+
+        counts, sums = data.sum(chunk)
+        safe = jnp.maximum(counts, jnp.finfo(centres.dtype).tiny)[:, None]
+        return jnp.where(counts[:, None] > 0, sums / safe, centres)
+
+    def cond(carry):
+        _, shift, iteration = carry
+        return (iteration < max_iter) & (shift > tolerance)
+
+    def body(carry):
+        centres, _, iteration = carry
+        new = update(centres)
+        return new, jnp.sum((new - centres) ** 2), iteration + 1
+
+    inf = jnp.array(jnp.inf, centres.dtype)
+    centres, _, n_iter = lax.while_loop(cond, body, (centres, inf, 0))
+    return centres, n_iter
+
+
+def _nearest(xc: Float[Array, "n d"], centres: Float[Array, "k d"]) -> Array:
+    squared = (
+        jnp.sum(centres**2, axis=-1)[None, :] - 2.0 * xc @ centres.T
+    )  # |x|^2 is common to every centre
+    return jnp.argmin(squared, axis=-1).astype(jnp.int32)
+
+
+def kmeans_labels(data: Data, centres: Float[Array, "k d"]) -> Int[Array, " n"]:
+    return data.map(lambda xc, w, _: _nearest(xc, centres))
+
+
+def _gumbel_top_k(key: PRNGKeyArray, data: Data, k: int) -> Int[Array, " k"]:
+    """k distinct rows drawn with probability proportional to weight."""
+    weight = data.weights(data.x, data.sample_weight)
+    rows = jnp.arange(data.n_rows)
+    gumbel = jax.vmap(
+        lambda i: jax.random.gumbel(jax.random.fold_in(key, i), dtype=weight.dtype)
+    )(rows)
+    scores = jnp.where(weight > 0, jnp.log(jnp.where(weight > 0, weight, 1.0)) + gumbel, -jnp.inf)
+    # Rows without weight come last, ordered by index (stable under padding).
+    scores = jnp.where(weight > 0, scores, -1e30 - rows.astype(weight.dtype))
+    return lax.top_k(scores, k)[1].astype(jnp.int32)
+
+
+def _point_stats(structure, data: Data, indices: Int[Array, " k"]) -> Stats:
+    """Statistics of one point per component (sklearn's one-hot at ``indices``)."""
+    xc, weight = _centred_rows(data)
+    points = xc[indices]
+    resp = jnp.diag(weight[indices])
+    counts, sums, scatter = stats_from_responsibilities(structure, points, resp, points)
+    zero = jnp.zeros((), points.dtype)
+    return Stats(counts, sums, scatter, points, zero, jnp.sum(counts))
+
+
+def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
+    def chunk(xc, w, rows):
+        weighted = resp_fn(xc, rows) * w[:, None]
+        counts, sums, scatter = stats_from_responsibilities(structure, xc, weighted, shift)
+        return counts, sums, scatter, jnp.sum(w)
+
+    counts, sums, scatter, total = data.sum(chunk)
+    return Stats(counts, sums, scatter, shift, jnp.zeros((), total.dtype), total)
+
+
+def initial_gmm(
+    key: PRNGKeyArray,
+    data: Data,
+    n_components: int,
+    covariance_type: str,
+    init: str,
+    reg_covar,
+    max_condition,
+    kmeans_max_iter: int = 100,
+) -> GMM:
+    """Initial mixture in the data's centred coordinates.
+
+    Following scikit-learn, each method yields responsibilities (one-hot at
+    k-means++ seeds, at random rows, at k-means labels, or random rows of
+    weights) and the first parameters are one M-step from them. Components
+    the start leaves empty take the whole data's mean and covariance.
+    """
+    from ._covariance import structure_for
+
+    structure = structure_for(covariance_type)
+    k, d = n_components, data.x.shape[1]
+    dtype = data.x.dtype
+    identity = GMM.from_precisions_cholesky(
+        jnp.full((k,), 1.0 / k, dtype),
+        jnp.zeros((k, d), dtype),
+        structure.identity(k, d, dtype),
+        covariance_type,
+    )
+    uniform = _responsibility_stats(
+        structure,
+        data,
+        jnp.zeros((k, d), dtype),
+        lambda xc, rows: jnp.full((xc.shape[0], k), 1.0 / k, dtype),
+    )
+    whole_data = m_step(uniform, identity, reg_covar, max_condition)
+
+    if init == "kmeans++":
+        _, indices = kmeans_plusplus(key, data, k)
+        stats = _point_stats(structure, data, indices)
+    elif init == "random_from_data":
+        stats = _point_stats(structure, data, _gumbel_top_k(key, data, k))
+    elif init == "kmeans":
+        seeds, _ = kmeans_plusplus(key, data, k)
+        centres, _ = lloyd(data, seeds, kmeans_max_iter)
+        shift = scatter_shift(structure, centres)
+        stats = _responsibility_stats(
+            structure,
+            data,
+            shift,
+            lambda xc, rows: jax.nn.one_hot(_nearest(xc, centres), k, dtype=dtype),
+        )
+    else:  # "random", validated by check_init
+
+        def random_resp(xc, rows):
+            draw = jax.vmap(
+                lambda i: jax.random.uniform(jax.random.fold_in(key, i), (k,), dtype)
+            )(rows)
+            return draw / jnp.sum(draw, axis=-1, keepdims=True)
+
+        stats = _responsibility_stats(structure, data, jnp.zeros((k, d), dtype), random_resp)
+    return m_step(stats, whole_data, reg_covar, max_condition)

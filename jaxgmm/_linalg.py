@@ -1,0 +1,84 @@
+"""Batched linear algebra that vectorises for small matrices.
+
+XLA lowers a batched ``cholesky`` or ``triangular_solve`` on CPU to one LAPACK
+call per matrix, which dominates the cost of fitting thousands of tiny
+mixtures. For a small static dimension the factorisations below are written
+out element by element, so they become plain elementwise arithmetic that XLA
+vectorises across every batch axis. Larger matrices use the library routines.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array, Float
+
+# Up to this many features the element-wise forms are used. Their graph grows
+# as D**3, so beyond a handful of features the LAPACK routines win.
+UNROLL_MAX_DIM = 4
+
+
+def _stack_matrix(entries: list[list[Array]]) -> Array:
+    return jnp.stack([jnp.stack(row, axis=-1) for row in entries], axis=-2)
+
+
+def cholesky(a: Float[Array, "... d d"]) -> Float[Array, "... d d"]:
+    """Lower Cholesky factor ``L`` with ``a = L L^T``; NaN where not positive definite."""
+    d = a.shape[-1]
+    if d > UNROLL_MAX_DIM:
+        return jnp.linalg.cholesky(a)
+    zero = jnp.zeros_like(a[..., 0, 0])
+    factor = [[zero] * d for _ in range(d)]
+    for j in range(d):
+        diagonal = a[..., j, j] - sum((factor[j][k] ** 2 for k in range(j)), zero)
+        factor[j][j] = jnp.sqrt(diagonal)
+        for i in range(j + 1, d):
+            off = a[..., i, j] - sum(
+                (factor[i][k] * factor[j][k] for k in range(j)), zero
+            )
+            factor[i][j] = off / factor[j][j]
+    return _stack_matrix(factor)
+
+
+def lower_triangular_inverse(lower: Float[Array, "... d d"]) -> Float[Array, "... d d"]:
+    """Inverse of a lower-triangular matrix (itself lower triangular)."""
+    d = lower.shape[-1]
+    if d > UNROLL_MAX_DIM:
+        eye = jnp.broadcast_to(jnp.eye(d, dtype=lower.dtype), lower.shape)
+        return jsl.solve_triangular(lower, eye, lower=True)
+    zero = jnp.zeros_like(lower[..., 0, 0])
+    inverse = [[zero] * d for _ in range(d)]
+    for j in range(d):
+        inverse[j][j] = 1.0 / lower[..., j, j]
+        for i in range(j + 1, d):
+            acc = sum((lower[..., i, k] * inverse[k][j] for k in range(j, i)), zero)
+            inverse[i][j] = -acc / lower[..., i, i]
+    return _stack_matrix(inverse)
+
+
+def matmul(a: Float[Array, "... m k"], b: Float[Array, "... k n"]) -> Array:
+    """Batched matrix product, written element-wise for small inner dimension."""
+    if a.shape[-1] > UNROLL_MAX_DIM:
+        return jnp.matmul(a, b)
+    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+
+def transpose(a: Array) -> Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
+def symmetrise(a: Float[Array, "... d d"]) -> Float[Array, "... d d"]:
+    return 0.5 * (a + transpose(a))
+
+
+def cap_condition(
+    covariance: Float[Array, "... d d"], max_condition: float | None
+) -> Float[Array, "... d d"]:
+    """Raise every eigenvalue to at least ``largest / max_condition``."""
+    if max_condition is None:
+        return covariance
+    eigenvalues, vectors = jnp.linalg.eigh(covariance)
+    floor = eigenvalues[..., -1:] / max_condition
+    eigenvalues = jnp.maximum(eigenvalues, floor)
+    capped = matmul(vectors * eigenvalues[..., None, :], transpose(vectors))
+    return symmetrise(capped)

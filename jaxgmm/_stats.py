@@ -1,0 +1,164 @@
+"""EM as statistics in, parameters out.
+
+:class:`Stats` holds the weighted sufficient statistics of a mixture's
+components. Statistics of disjoint row sets add with ``+``, which is what
+makes chunked, sharded, batched and streamed EM the same algorithm:
+``m_step(e_step_stats(gmm, a) + e_step_stats(gmm, b))`` is one EM step on
+the union of ``a`` and ``b``.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._covariance import CovarianceStructure, log_normaliser
+from ._data import Data
+from ._gmm import GMM
+
+
+class Stats(eqx.Module):
+    r"""Weighted sufficient statistics of each component.
+
+    With row weights :math:`w_n` and responsibilities :math:`r_{nk}`:
+
+    - ``counts`` ``(K,)``: :math:`\sum_n w_n r_{nk}`
+    - ``sums`` ``(K, D)``: :math:`\sum_n w_n r_{nk} (x_n - s_k)`
+    - ``scatter``: :math:`\sum_n w_n r_{nk} (x_n - s_k)(x_n - s_k)^T`
+      (``(K, D, D)``; ``(K, D)`` diagonal only for diag and spherical)
+    - ``shift`` ``(K, D)``: the :math:`s_k` the sums are taken about (the
+      current means, or zero), so float32 keeps the scatter of far-off data
+    - ``log_likelihood``: :math:`\sum_n w_n \log p(x_n)`
+    - ``total_weight``: :math:`\sum_n w_n`
+
+    Coordinates are those of the :class:`~jaxgmm._data.Data` they came from
+    (centred on the data). ``+`` adds every field but ``shift``, which both
+    sides must share.
+    """
+
+    counts: Float[Array, " k"]
+    sums: Float[Array, "k d"]
+    scatter: Array
+    shift: Float[Array, "k d"]
+    log_likelihood: Float[Array, ""]
+    total_weight: Float[Array, ""]
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(
+            self.counts + other.counts,
+            self.sums + other.sums,
+            self.scatter + other.scatter,
+            self.shift,
+            self.log_likelihood + other.log_likelihood,
+            self.total_weight + other.total_weight,
+        )
+
+    def scale(self, factor) -> Stats:
+        """Every additive field times ``factor`` (for stepwise EM blending)."""
+        return Stats(
+            self.counts * factor,
+            self.sums * factor,
+            self.scatter * factor,
+            self.shift,
+            self.log_likelihood * factor,
+            self.total_weight * factor,
+        )
+
+
+def scatter_shift(structure: type[CovarianceStructure], means: Array) -> Array:
+    return means if structure.scatter_about_means else jnp.zeros_like(means)
+
+
+def stats_from_responsibilities(
+    structure: type[CovarianceStructure],
+    xc: Float[Array, "n d"],
+    weighted_resp: Float[Array, "n k"],
+    shift: Float[Array, "k d"],
+) -> tuple[Array, Array, Array]:
+    """``(counts, sums, scatter)`` of rows ``xc`` under weighted responsibilities."""
+    counts = jnp.sum(weighted_resp, axis=0)
+    sums = weighted_resp.T @ xc - counts[:, None] * shift
+    scatter = structure.scatter(xc, weighted_resp, shift)
+    return counts, sums, scatter
+
+
+def joint_log_prob(gmm: GMM, xc: Float[Array, "n d"]) -> Float[Array, "n k"]:
+    """``log pi_k + log N(x | mu_k, Sigma_k)`` without input checks."""
+    structure = gmm.structure
+    squared = structure.squared_mahalanobis(xc, gmm.means, gmm.precisions_cholesky)
+    log_det = structure.log_det_precisions_cholesky(
+        gmm.precisions_cholesky, gmm.n_components, gmm.n_features
+    )
+    log_gauss = -0.5 * squared + log_det[None, :] - log_normaliser(gmm.n_features)
+    return log_gauss + jnp.log(gmm.weights)[None, :]
+
+
+def e_step_stats(gmm: GMM, data: Data) -> Stats:
+    """E-step: responsibilities of every row, summed into :class:`Stats`.
+
+    ``gmm`` must be in the data's centred coordinates.
+    """
+    structure = gmm.structure
+    shift = scatter_shift(structure, gmm.means)
+
+    def chunk(xc, weight, _):
+        log_prob = joint_log_prob(gmm, xc)
+        log_norm = jax.nn.logsumexp(log_prob, axis=-1)
+        finite = jnp.isfinite(log_norm)
+        resp = jnp.exp(log_prob - jnp.where(finite, log_norm, 0.0)[:, None])
+        weighted = jnp.where(finite[:, None], resp * weight[:, None], 0.0)
+        counts, sums, scatter = stats_from_responsibilities(
+            structure, xc, weighted, shift
+        )
+        log_likelihood = jnp.sum(jnp.where(weight > 0, weight * log_norm, 0.0))
+        return counts, sums, scatter, log_likelihood, jnp.sum(weight)
+
+    counts, sums, scatter, log_likelihood, total = data.sum(chunk)
+    return Stats(counts, sums, scatter, shift, log_likelihood, total)
+
+
+def mean_log_likelihood(stats: Stats) -> Array:
+    tiny = jnp.finfo(stats.counts.dtype).tiny
+    return stats.log_likelihood / jnp.maximum(stats.total_weight, tiny)
+
+
+def m_step(
+    stats: Stats,
+    previous: GMM,
+    reg_covar,
+    max_condition=None,
+) -> GMM:
+    r"""M-step: maximum-likelihood parameters from :class:`Stats`.
+
+    Follows scikit-learn: :math:`n_k` gets ``10 * eps`` added, weights are
+    :math:`n_k / \sum_j n_j`, ``reg_covar`` is added to each covariance's
+    diagonal, and with ``max_condition`` each covariance's eigenvalues are
+    raised to at least ``largest / max_condition``.
+
+    A component whose weight has fallen to (almost) zero, or whose new
+    covariance is not positive definite, keeps its mean and covariance from
+    ``previous``; its weight becomes (almost) zero, so it stays harmless
+    and can regain data in later iterations. No NaN is produced either way.
+    """
+    structure = previous.structure
+    dtype = stats.counts.dtype
+    eps = jnp.finfo(dtype).eps
+    counts = stats.counts + 10 * eps
+    offsets = stats.sums / counts[:, None]
+    means = stats.shift + offsets
+    covariances = structure.covariances_from_scatter(
+        stats.scatter, counts, offsets, reg_covar, max_condition
+    )
+    precisions_cholesky = structure.precisions_cholesky_from_covariances(covariances)
+    empty = stats.counts <= stats.total_weight * eps
+    keep = empty | ~jnp.all(jnp.isfinite(means), axis=-1)
+    means = jnp.where(keep[:, None], previous.means, means)
+    precisions_cholesky = structure.keep_previous(
+        precisions_cholesky, previous.precisions_cholesky, keep
+    )
+    weights = counts / jnp.sum(counts)
+    return GMM.from_precisions_cholesky(
+        weights, means, precisions_cholesky, previous.covariance_type
+    )

@@ -5,6 +5,8 @@ from ._fit import em_step as em_step
 from ._fit import em_steps as em_steps
 from ._fit import fit as fit
 from ._gmm import GMM as GMM
+from ._io import load as load
+from ._io import save as save
 from ._kmeans import kmeans as kmeans
 from ._selection import Selection as Selection
 from ._selection import aic as aic

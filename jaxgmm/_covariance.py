@@ -33,38 +33,31 @@ class CovarianceStructure:
     scatter_about_means: ClassVar[bool]
 
     @staticmethod
-    def covariance_shape(n_components: int, n_features: int) -> tuple[int, ...]:
-        ...
+    def covariance_shape(n_components: int, n_features: int) -> tuple[int, ...]: ...
 
     @staticmethod
-    def n_covariance_parameters(n_components: int, n_features: int) -> int:
-        ...
+    def n_covariance_parameters(n_components: int, n_features: int) -> int: ...
 
     @staticmethod
-    def precisions_cholesky_from_covariances(covariances: Array) -> Array:
-        ...
+    def precisions_cholesky_from_covariances(covariances: Array) -> Array: ...
 
     @staticmethod
-    def covariances_from_precisions_cholesky(precisions_cholesky: Array) -> Array:
-        ...
+    def covariances_from_precisions_cholesky(precisions_cholesky: Array) -> Array: ...
 
     @staticmethod
     def log_det_precisions_cholesky(
         precisions_cholesky: Array, n_components: int, n_features: int
-    ) -> Float[Array, " k"]:
-        ...
+    ) -> Float[Array, " k"]: ...
 
     @staticmethod
     def squared_mahalanobis(
         x: Float[Array, "n d"], means: Float[Array, "k d"], precisions_cholesky: Array
-    ) -> Float[Array, "n k"]:
-        ...
+    ) -> Float[Array, "n k"]: ...
 
     @staticmethod
     def scatter(
         x: Float[Array, "n d"], weighted_resp: Float[Array, "n k"], shift: Array
-    ) -> Array:
-        ...
+    ) -> Array: ...
 
     @staticmethod
     def covariances_from_scatter(
@@ -73,23 +66,18 @@ class CovarianceStructure:
         offsets: Float[Array, "k d"],
         reg_covar: float,
         max_condition: float | None,
-    ) -> Array:
-        ...
+    ) -> Array: ...
 
     @staticmethod
-    def sampling_factor(precisions_cholesky: Array) -> Array:
-        ...
+    def sampling_factor(precisions_cholesky: Array) -> Array: ...
 
     @staticmethod
     def scale_noise(
         factor: Array, noise: Float[Array, "n d"], labels: Int[Array, " n"]
-    ) -> Float[Array, "n d"]:
-        ...
+    ) -> Float[Array, "n d"]: ...
 
     @staticmethod
-    def keep_previous(
-        new: Array, previous: Array, keep: Bool[Array, " k"]
-    ) -> Array:
+    def keep_previous(new: Array, previous: Array, keep: Bool[Array, " k"]) -> Array:
         """Per component: ``previous`` where ``keep`` or where ``new`` is not finite."""
         ...
 
@@ -162,9 +150,7 @@ class Full(CovarianceStructure):
     def squared_mahalanobis(x, means, precisions_cholesky):
         diff = x[:, None, :] - means[None, :, :]
         if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
-            whitened = jnp.sum(
-                diff[:, :, :, None] * precisions_cholesky[None], axis=-2
-            )
+            whitened = jnp.sum(diff[:, :, :, None] * precisions_cholesky[None], axis=-2)
         else:
             whitened = jnp.einsum("nkd,kde->nke", diff, precisions_cholesky)
         return jnp.sum(whitened**2, axis=-1)
@@ -203,7 +189,9 @@ class Full(CovarianceStructure):
 
     @staticmethod
     def identity(n_components, n_features, dtype):
-        return jnp.broadcast_to(jnp.eye(n_features, dtype=dtype), (n_components, n_features, n_features))
+        return jnp.broadcast_to(
+            jnp.eye(n_features, dtype=dtype), (n_components, n_features, n_features)
+        )
 
     @staticmethod
     def check_covariances(covariances, n_components, n_features):

@@ -45,7 +45,9 @@ class Data(eqx.Module):
         """Effective weights: 0 for non-finite rows, 1 everywhere in fallback."""
         finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
         usable = jnp.where(self.unit_weights, 1.0, jnp.maximum(weight_chunk, 0.0))
-        return jnp.where(finite & jnp.isfinite(usable), usable, 0.0).astype(x_chunk.dtype)
+        return jnp.where(finite & jnp.isfinite(usable), usable, 0.0).astype(
+            x_chunk.dtype
+        )
 
     def rows(self, x_chunk, weight_chunk):
         """Centred, sanitised rows and their effective weights."""

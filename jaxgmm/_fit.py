@@ -54,7 +54,9 @@ def prepare_x(x) -> Array:
     if x.ndim != 2:
         raise ValueError(f"`x` must be a 2-D array (N, D), got shape {x.shape}")
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"`x` must have at least one row and one column, got {x.shape}")
+        raise ValueError(
+            f"`x` must have at least one row and one column, got {x.shape}"
+        )
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     return x
@@ -327,8 +329,16 @@ def _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition):
     check_options(reg_covar, max_condition)
     sample_weight = prepare_weight(sample_weight, x)
     raise_for_bad_data(x, sample_weight, gmm.n_components)
-    max_condition = None if max_condition is None else jnp.asarray(max_condition, x.dtype)
-    return cast_gmm(gmm, x.dtype), x, sample_weight, jnp.asarray(reg_covar, x.dtype), max_condition
+    max_condition = (
+        None if max_condition is None else jnp.asarray(max_condition, x.dtype)
+    )
+    return (
+        cast_gmm(gmm, x.dtype),
+        x,
+        sample_weight,
+        jnp.asarray(reg_covar, x.dtype),
+        max_condition,
+    )
 
 
 def em_step(

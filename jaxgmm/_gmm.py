@@ -200,10 +200,15 @@ class GMM(eqx.Module):
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"`n` must be a non-negative int, got {n!r}")
         key_labels, key_noise = jax.random.split(key)
-        labels = jax.random.categorical(
-            key_labels, jnp.log(self.weights), shape=(int(n),)
-        ).astype(jnp.int32)
-        noise = jax.random.normal(key_noise, (int(n), self.n_features), self.means.dtype)
+        # Inverse CDF over the cumulative weights: O(log K) per draw, where
+        # jax.random.categorical would draw K Gumbel variates per sample.
+        cumulative = jnp.cumsum(self.weights)
+        u = jax.random.uniform(key_labels, (int(n),), cumulative.dtype)
+        labels = jnp.searchsorted(cumulative, u * cumulative[-1], side="right")
+        labels = jnp.minimum(labels, self.n_components - 1).astype(jnp.int32)
+        noise = jax.random.normal(
+            key_noise, (int(n), self.n_features), self.means.dtype
+        )
         factor = self.structure.sampling_factor(self.precisions_cholesky)
         x = self.means[labels] + self.structure.scale_noise(factor, noise, labels)
         return x, labels

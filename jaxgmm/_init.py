@@ -56,7 +56,9 @@ def kmeans_plusplus(
     """
     xc, weight = _centred_rows(data)
     n_trials = 2 + int(math.log(n_clusters))
-    first = _draw_index(jax.random.uniform(jax.random.fold_in(key, 0)), jnp.cumsum(weight))
+    first = _draw_index(
+        jax.random.uniform(jax.random.fold_in(key, 0)), jnp.cumsum(weight)
+    )
     closest = _squared_distance(xc, xc[first])
     indices = jnp.zeros((n_clusters,), jnp.int32).at[0].set(first)
 
@@ -93,9 +95,7 @@ def lloyd(
     An empty cluster keeps its centre.
     """
     n_clusters = centres.shape[0]
-    total, first, second = data.sum(
-        lambda xc, w, _: (jnp.sum(w), w @ xc, w @ (xc**2))
-    )
+    total, first, second = data.sum(lambda xc, w, _: (jnp.sum(w), w @ xc, w @ (xc**2)))
     total = jnp.maximum(total, jnp.finfo(centres.dtype).tiny)
     variance = jnp.maximum(second / total - (first / total) ** 2, 0.0)
     tolerance = tol * jnp.mean(variance)
@@ -142,7 +142,9 @@ def _gumbel_top_k(key: PRNGKeyArray, data: Data, k: int) -> Int[Array, " k"]:
     gumbel = jax.vmap(
         lambda i: jax.random.gumbel(jax.random.fold_in(key, i), dtype=weight.dtype)
     )(rows)
-    scores = jnp.where(weight > 0, jnp.log(jnp.where(weight > 0, weight, 1.0)) + gumbel, -jnp.inf)
+    scores = jnp.where(
+        weight > 0, jnp.log(jnp.where(weight > 0, weight, 1.0)) + gumbel, -jnp.inf
+    )
     # Rows without weight come last, ordered by index (stable under padding).
     scores = jnp.where(weight > 0, scores, -1e30 - rows.astype(weight.dtype))
     return lax.top_k(scores, k)[1].astype(jnp.int32)
@@ -161,7 +163,9 @@ def _point_stats(structure, data: Data, indices: Int[Array, " k"]) -> Stats:
 def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
     def chunk(xc, w, rows):
         weighted = resp_fn(xc, rows) * w[:, None]
-        counts, sums, scatter = stats_from_responsibilities(structure, xc, weighted, shift)
+        counts, sums, scatter = stats_from_responsibilities(
+            structure, xc, weighted, shift
+        )
         return counts, sums, scatter, jnp.sum(w)
 
     counts, sums, scatter, total = data.sum(chunk)
@@ -227,5 +231,7 @@ def initial_gmm(
             )(rows)
             return draw / jnp.sum(draw, axis=-1, keepdims=True)
 
-        stats = _responsibility_stats(structure, data, jnp.zeros((k, d), dtype), random_resp)
+        stats = _responsibility_stats(
+            structure, data, jnp.zeros((k, d), dtype), random_resp
+        )
     return m_step(stats, whole_data, reg_covar, max_condition)

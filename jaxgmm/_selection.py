@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -124,4 +124,3 @@ def anomaly_threshold(
         raise ValueError(f"`contamination` must be in [0, 1], got {contamination!r}")
     log_prob = gmm.log_prob(prepare_x(x))
     return jnp.quantile(log_prob, contamination)
-

@@ -1,0 +1,167 @@
+"""EM follows scikit-learn's GaussianMixture step for step (float64)."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from conftest import COVARIANCE_TYPES
+from sklearn.datasets import load_iris, load_wine
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+import jaxgmm
+
+pytestmark = pytest.mark.usefixtures("x64_module")
+
+DATASETS = {"iris": load_iris().data, "wine": load_wine().data}
+
+
+def sklearn_from(gmm, **kwargs):
+    """A GaussianMixture started from exactly the parameters of ``gmm``."""
+    covariances = np.asarray(gmm.covariances)
+    if gmm.covariance_type in ("full", "tied"):
+        precisions = np.linalg.inv(covariances)
+    else:
+        precisions = 1.0 / covariances
+    return GaussianMixture(
+        gmm.n_components,
+        covariance_type=gmm.covariance_type,
+        weights_init=np.asarray(gmm.weights),
+        means_init=np.asarray(gmm.means),
+        precisions_init=precisions,
+        **kwargs,
+    )
+
+
+def assert_same_parameters(reference, gmm, rtol=1e-6):
+    def relative(a, b):
+        return np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-300)
+
+    assert relative(gmm.weights, reference.weights_) < rtol
+    assert relative(gmm.means, reference.means_) < rtol
+    assert relative(gmm.covariances, reference.covariances_) < rtol
+    assert relative(gmm.precisions_cholesky, reference.precisions_cholesky_) < rtol
+
+
+@pytest.fixture(scope="module", params=sorted(DATASETS))
+def dataset(request, x64_module):
+    return np.asarray(DATASETS[request.param], np.float64)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_fit_from_the_same_start_matches_sklearn_step_for_step(
+    dataset, covariance_type
+):
+    start = jaxgmm.fit(
+        jax.random.key(0),
+        dataset,
+        3,
+        covariance_type=covariance_type,
+        max_iter=1,
+        init="kmeans",
+    ).gmm
+    for n_steps in (20,):
+        result = jaxgmm.fit(
+            jax.random.key(0),
+            dataset,
+            3,
+            covariance_type=covariance_type,
+            max_iter=n_steps,
+            tol=0.0,
+            init_gmm=start,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            reference = sklearn_from(start, max_iter=n_steps, tol=0.0).fit(dataset)
+        assert result.gmm.means.dtype == np.float64
+        assert_same_parameters(reference, result.gmm)
+        assert int(result.n_iter) == reference.n_iter_ == n_steps
+        np.testing.assert_allclose(
+            result.log_likelihood, reference.lower_bound_, rtol=1e-9
+        )
+        assert not result.converged and not reference.converged_
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_stopping_rule_matches_sklearn(dataset, covariance_type):
+    start = jaxgmm.fit(
+        jax.random.key(1), dataset, 2, covariance_type=covariance_type, max_iter=1
+    ).gmm
+    result = jaxgmm.fit(
+        jax.random.key(0),
+        dataset,
+        2,
+        covariance_type=covariance_type,
+        max_iter=200,
+        tol=1e-3,
+        init_gmm=start,
+    )
+    reference = sklearn_from(start, max_iter=200, tol=1e-3).fit(dataset)
+    assert bool(result.converged) and reference.converged_
+    assert int(result.n_iter) == reference.n_iter_
+    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
+    history = np.asarray(result.history)
+    n_iter = int(result.n_iter)
+    assert np.isnan(history[n_iter:]).all() and np.isfinite(history[:n_iter]).all()
+    assert history[n_iter - 1] == result.log_likelihood
+    assert abs(history[n_iter - 1] - history[n_iter - 2]) < 1e-3
+    assert np.all(np.abs(np.diff(history[: n_iter - 1])) >= 1e-3)
+    assert_same_parameters(reference, result.gmm, rtol=1e-6)
+
+
+def test_em_step_is_one_sklearn_iteration(dataset):
+    start = jaxgmm.fit(jax.random.key(2), dataset, 3, max_iter=1).gmm
+    new, log_likelihood = jaxgmm.em_step(start, dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = sklearn_from(start, max_iter=1, tol=0.0).fit(dataset)
+    assert_same_parameters(reference, new)
+    np.testing.assert_allclose(log_likelihood, reference.lower_bound_, rtol=1e-10)
+    # The log-likelihood is that of the input parameters.
+    np.testing.assert_allclose(
+        log_likelihood, np.mean(start.log_prob(dataset)), rtol=1e-10
+    )
+
+
+def test_em_steps_equals_repeated_em_step(dataset):
+    start = jaxgmm.fit(
+        jax.random.key(3), dataset, 3, max_iter=1, covariance_type="diag"
+    ).gmm
+    stepped = start
+    for _ in range(4):
+        stepped, _ = jaxgmm.em_step(stepped, dataset)
+    scanned = jaxgmm.em_steps(start, dataset, 4)
+    for a, b in zip(jax.tree.leaves(stepped), jax.tree.leaves(scanned)):
+        np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+def test_history_of_a_float64_fit_never_decreases(dataset):
+    result = jaxgmm.fit(jax.random.key(4), dataset, 4, max_iter=60, tol=0.0)
+    history = np.asarray(result.history)
+    assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:]))
+
+
+def test_sample_weight_equals_repeating_rows(dataset):
+    # sklearn has no sample_weight: integer weights must equal repeated rows.
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 3, size=len(dataset)).astype(np.float64)
+    counts[:5] = 1.0
+    start = jaxgmm.fit(jax.random.key(5), dataset, 3, max_iter=1).gmm
+    weighted = jaxgmm.fit(
+        jax.random.key(0),
+        dataset,
+        3,
+        max_iter=10,
+        tol=0.0,
+        init_gmm=start,
+        sample_weight=counts,
+    )
+    repeated = np.repeat(dataset, counts.astype(int), axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = sklearn_from(start, max_iter=10, tol=0.0).fit(repeated)
+    assert_same_parameters(reference, weighted.gmm)
+    np.testing.assert_allclose(
+        weighted.log_likelihood, reference.lower_bound_, rtol=1e-9
+    )

@@ -1,0 +1,116 @@
+"""Initialisation and k-means: sklearn meanings, weights, padding invariance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_blobs
+from sklearn.cluster import KMeans
+
+import jaxgmm
+
+INITS = ("kmeans++", "kmeans", "random", "random_from_data")
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, labels = make_blobs(seed=11)
+    return x, labels
+
+
+def inertia(x, centres):
+    d2 = ((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1)
+    return d2.min(axis=1).sum()
+
+
+def test_kmeans_matches_sklearn_inertia_on_separated_blobs(data):
+    x, labels = data
+    centres, assigned = jaxgmm.kmeans(jax.random.key(0), x, 3)
+    reference = KMeans(3, n_init=10, random_state=0).fit(x)
+    assert inertia(x, centres) <= reference.inertia_ * 1.001
+    assert assigned.dtype == jnp.int32 and assigned.shape == (len(x),)
+    # The labels are the nearest centres, and recover the true blobs.
+    np.testing.assert_array_equal(
+        assigned,
+        ((x[:, None] - np.asarray(centres)[None]) ** 2).sum(-1).argmin(1),
+    )
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(labels, np.asarray(assigned)) > 0.95
+
+
+def test_kmeans_sample_weight_equals_repetition(data):
+    x, _ = data
+    weight = np.ones(len(x), np.float32)
+    weight[:40] = 3.0
+    repeated = np.concatenate([x, x[:40], x[:40]])
+    centres_w, _ = jaxgmm.kmeans(jax.random.key(1), x, 3, sample_weight=weight)
+    reference = KMeans(3, n_init=10, random_state=0).fit(repeated)
+    assert inertia(repeated, centres_w) <= reference.inertia_ * 1.001
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_gives_a_finite_fit_that_finds_the_blobs(data, init):
+    x, labels = data
+    result = jaxgmm.fit(jax.random.key(2), x, 3, init=init, n_init=3)
+    assert int(result.status) == 0
+    for leaf in jax.tree.leaves(result.gmm):
+        assert np.all(np.isfinite(leaf))
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(labels, np.asarray(result.gmm.predict(x))) > 0.9
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_padding_with_zero_weight_rows_gives_the_same_fit(data, init):
+    x, _ = data
+    padded = np.concatenate([x, np.full((37, 2), 123.0, np.float32)])
+    weight = np.concatenate([np.ones(len(x)), np.zeros(37)]).astype(np.float32)
+    a = jaxgmm.fit(jax.random.key(3), x, 3, init=init, max_iter=20, tol=0.0)
+    b = jaxgmm.fit(
+        jax.random.key(3),
+        padded,
+        3,
+        init=init,
+        max_iter=20,
+        tol=0.0,
+        sample_weight=weight,
+    )
+    for left, right in zip(jax.tree.leaves(a.gmm), jax.tree.leaves(b.gmm)):
+        np.testing.assert_allclose(left, right, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=1e-5)
+
+
+def test_kmeans_plus_plus_seeds_are_distinct_data_rows(data):
+    x, _ = data
+    from jaxgmm._data import data_status, make_data
+    from jaxgmm._init import kmeans_plusplus
+
+    w = jnp.ones(len(x))
+    d = make_data(jnp.asarray(x), w, data_status(jnp.asarray(x), w, 3), 3)
+    centres, indices = kmeans_plusplus(jax.random.key(4), d, 3)
+    assert len(set(np.asarray(indices).tolist())) == 3
+    np.testing.assert_allclose(
+        np.asarray(centres) + np.asarray(d.centre), x[indices], atol=1e-5
+    )
+
+
+def test_random_from_data_never_picks_a_zero_weight_row(data):
+    x, _ = data
+    weight = np.zeros(len(x), np.float32)
+    weight[[5, 50, 150]] = 1.0
+    result = jaxgmm.fit(
+        jax.random.key(5),
+        x,
+        3,
+        init="random_from_data",
+        max_iter=1,
+        sample_weight=weight,
+    )
+    means = np.sort(np.asarray(result.gmm.means), axis=0)
+    np.testing.assert_allclose(means, np.sort(x[[5, 50, 150]], axis=0), atol=1e-4)
+
+
+def test_unknown_init_is_rejected(data):
+    with pytest.raises(ValueError, match="init"):
+        jaxgmm.fit(jax.random.key(0), data[0], 3, init="kmeans+++")

@@ -1,0 +1,66 @@
+"""Hypothesis properties of fit on arbitrary small data sets."""
+
+import jax
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import jaxgmm
+
+# One shape per covariance type keeps compilation to a handful of programs.
+N, D, K = 40, 2, 3
+MAX_CONDITION = 1e4
+
+finite_floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+datasets = arrays(np.float32, (N, D), elements=finite_floats)
+settings_ = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@settings_
+@given(
+    x=datasets,
+    covariance_type=st.sampled_from(["full", "diag", "spherical", "tied"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fit_returns_valid_parameters_on_any_data(x, covariance_type, seed):
+    result = jaxgmm.fit(
+        jax.random.key(seed),
+        x,
+        K,
+        covariance_type=covariance_type,
+        max_condition=MAX_CONDITION,
+        max_iter=20,
+    )
+    gmm = result.gmm
+    for leaf in jax.tree.leaves(gmm):
+        assert np.all(np.isfinite(leaf))
+    weights = np.asarray(gmm.weights, np.float64)
+    assert np.all(weights >= 0) and abs(weights.sum() - 1) < 1e-5
+    covariances = np.asarray(gmm.covariances, np.float64)
+    if covariance_type in ("full", "tied"):
+        np.testing.assert_allclose(
+            covariances, np.swapaxes(covariances, -1, -2), rtol=1e-5, atol=1e-6
+        )
+        eigenvalues = np.linalg.eigvalsh(covariances)
+        assert np.all(eigenvalues > 0)
+        assert np.all(
+            eigenvalues[..., -1] / eigenvalues[..., 0] <= MAX_CONDITION * 1.05
+        )
+    else:
+        assert np.all(covariances > 0)
+    assert np.all(np.isfinite(gmm.log_prob(x)))
+
+
+@settings_
+@given(
+    x=arrays(np.float64, (N, D), elements=st.floats(-1e3, 1e3)), seed=st.integers(0, 99)
+)
+def test_float64_history_never_decreases(x, seed):
+    with jax.enable_x64(True):
+        result = jaxgmm.fit(jax.random.key(seed), x, K, max_iter=15, tol=0.0)
+        history = np.asarray(result.history)
+    assert np.all(np.isfinite(history))
+    assert np.all(np.diff(history) >= -1e-8 * np.maximum(1.0, np.abs(history[1:])))

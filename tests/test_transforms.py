@@ -1,0 +1,111 @@
+"""jit, vmap, grad and dtypes: the same answers under every transformation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_blobs
+
+import jaxgmm
+from jaxgmm import _fit
+
+X, _ = make_blobs(seed=31)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+    for left, right in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(left, right, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return jaxgmm.fit(jax.random.key(0), X, 3, max_iter=30)
+
+
+def test_jit_of_fit_equals_eager_fit(eager):
+    jitted = jax.jit(lambda key, x: jaxgmm.fit(key, x, 3, max_iter=30))(
+        jax.random.key(0), X
+    )
+    assert_trees_close(eager, jitted)
+
+
+def test_vmap_over_keys_data_and_weights_equals_separate_fits():
+    xs = np.stack([X, X[::-1] * 2.0, X + 3.0])
+    weights = np.ones((3, len(X)), np.float32)
+    weights[1, :50] = 2.0
+    keys = jax.random.split(jax.random.key(1), 3)
+    batch = jax.vmap(lambda k, x, w: jaxgmm.fit(k, x, 3, max_iter=30, sample_weight=w))(
+        keys, xs, weights
+    )
+    assert batch.gmm.means.shape == (3, 3, 2) and batch.history.shape == (3, 30)
+    for i in range(3):
+        alone = jaxgmm.fit(keys[i], xs[i], 3, max_iter=30, sample_weight=weights[i])
+        row = jax.tree.map(lambda leaf, i=i: leaf[i], batch)
+        assert_trees_close(row, alone, 1e-4, 1e-4)
+
+
+def test_vmap_over_init_gmm(eager):
+    starts = jax.tree.map(lambda leaf: jnp.stack([leaf, leaf]), eager.gmm)
+    xs = np.stack([X, X * 0.5])
+    batch = jax.vmap(
+        lambda g, x: jaxgmm.fit(jax.random.key(0), x, 3, init_gmm=g, max_iter=5)
+    )(starts, xs)
+    alone = jaxgmm.fit(jax.random.key(0), xs[1], 3, init_gmm=eager.gmm, max_iter=5)
+    assert_trees_close(batch.gmm.means[1], alone.gmm.means, 1e-4, 1e-4)
+
+
+def test_vmapped_density_methods_on_a_batched_gmm(eager):
+    batched = jax.tree.map(lambda leaf: jnp.stack([leaf, leaf]), eager.gmm)
+    log_prob = jax.vmap(lambda g: g.log_prob(X))(batched)
+    np.testing.assert_allclose(log_prob[1], eager.gmm.log_prob(X), rtol=1e-6)
+
+
+def test_fit_compiles_once_for_new_data_of_the_same_shape():
+    jaxgmm.fit(jax.random.key(2), X, 2, max_iter=7)
+    before = _fit._fit._cache_size()
+    for seed in range(3):
+        jaxgmm.fit(jax.random.key(seed), X + seed, 2, max_iter=7, tol=1e-4 * seed)
+    assert _fit._fit._cache_size() == before
+
+
+def test_float32_in_float32_out(eager):
+    assert eager.gmm.means.dtype == jnp.float32
+    assert eager.gmm.precisions_cholesky.dtype == jnp.float32
+    assert eager.history.dtype == jnp.float32
+    assert eager.gmm.sample(jax.random.key(0), 3)[0].dtype == jnp.float32
+
+
+def test_float64_in_float64_out(x64):
+    result = jaxgmm.fit(jax.random.key(0), X.astype(np.float64), 3, max_iter=3)
+    assert result.gmm.means.dtype == jnp.float64
+    assert result.log_likelihood.dtype == jnp.float64
+
+
+def test_em_steps_is_differentiable_and_matches_finite_differences(x64, eager):
+    x = jnp.asarray(X[:60], jnp.float64)
+    start = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), eager.gmm)
+
+    def loss(x, weight, means):
+        gmm = jaxgmm.GMM.from_precisions_cholesky(
+            start.weights, means, start.precisions_cholesky, "full"
+        )
+        fitted = jaxgmm.em_steps(gmm, x, 3, weight)
+        return jnp.sum(fitted.means**2) + jnp.sum(fitted.covariances)
+
+    weight = jnp.ones(60, jnp.float64)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, weight, start.means)
+    for g in grads:
+        assert np.all(np.isfinite(g))
+    # Directional derivatives against central differences.
+    rng = np.random.default_rng(0)
+    for argnum, (value, g) in enumerate(zip((x, weight, start.means), grads)):
+        direction = jnp.asarray(rng.normal(size=value.shape))
+        h = 1e-6
+        args = [x, weight, start.means]
+        args[argnum] = value + h * direction
+        up = loss(*args)
+        args[argnum] = value - h * direction
+        down = loss(*args)
+        np.testing.assert_allclose(
+            (up - down) / (2 * h), jnp.sum(g * direction), rtol=1e-4, atol=1e-6
+        )

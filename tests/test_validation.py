@@ -1,0 +1,140 @@
+"""Bad input: ValueError eagerly, runtime errors under jit, status with throw=False."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_blobs
+
+import jaxgmm
+from jaxgmm import Status
+
+X, _ = make_blobs(seed=21)
+
+
+def with_nan(x):
+    x = x.copy()
+    x[7, 1] = np.nan
+    return x
+
+
+def with_inf(x):
+    x = x.copy()
+    x[3, 0] = np.inf
+    return x
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: jaxgmm.fit(jax.random.key(0), with_nan(X), 3), "x"),
+        (lambda: jaxgmm.fit(jax.random.key(0), with_inf(X), 3), "x"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X[:, 0], 3), "x"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X[None], 3), "x"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X[:2], 3), "n_components"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 0), "n_components"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 2.5), "n_components"),
+        (
+            lambda: jaxgmm.fit(jax.random.key(0), X, 3, sample_weight=-np.ones(len(X))),
+            "sample_weight",
+        ),
+        (
+            lambda: jaxgmm.fit(jax.random.key(0), X, 3, sample_weight=np.ones(5)),
+            "sample_weight",
+        ),
+        (
+            lambda: jaxgmm.fit(
+                jax.random.key(0), X, 3, sample_weight=np.r_[np.ones(2), np.zeros(198)]
+            ),
+            "n_components",
+        ),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 3, init="nope"), "init"),
+        (
+            lambda: jaxgmm.fit(jax.random.key(0), X, 3, covariance_type="x"),
+            "covariance_type",
+        ),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 3, max_iter=0), "max_iter"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 3, n_init=0), "n_init"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 3, reg_covar=-1.0), "reg_covar"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 3, tol=-1.0), "tol"),
+        (
+            lambda: jaxgmm.fit(jax.random.key(0), X, 3, max_condition=0.5),
+            "max_condition",
+        ),
+        (lambda: jaxgmm.kmeans(jax.random.key(0), with_nan(X), 3), "x"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        call()
+
+
+@pytest.fixture(scope="module")
+def start():
+    return jaxgmm.fit(jax.random.key(0), X, 3, max_iter=2).gmm
+
+
+def test_init_gmm_must_match_the_data(start):
+    with pytest.raises(ValueError, match="`init_gmm`"):
+        jaxgmm.fit(jax.random.key(0), np.concatenate([X, X], 1), 3, init_gmm=start)
+    with pytest.raises(ValueError, match="`init_gmm`"):
+        jaxgmm.fit(jax.random.key(0), X, 4, init_gmm=start)
+    with pytest.raises(ValueError, match="`init_gmm`"):
+        jaxgmm.fit(jax.random.key(0), X, 3, init_gmm=start, covariance_type="diag")
+    with pytest.raises(ValueError, match="`gmm`"):
+        jaxgmm.em_step(start, np.concatenate([X, X], 1))
+    with pytest.raises(ValueError, match="`x`"):
+        jaxgmm.em_steps(start, with_nan(X), 3)
+
+
+@pytest.mark.parametrize(
+    ("x", "weight", "status"),
+    [
+        (with_nan(X), None, Status.nonfinite_input),
+        (X, -np.ones(len(X), np.float32), Status.negative_weights),
+        (
+            X,
+            np.r_[np.ones(2), np.zeros(198)].astype(np.float32),
+            Status.too_few_weighted_rows,
+        ),
+        (X, None, Status.success),
+    ],
+)
+def test_throw_false_reports_status_and_keeps_parameters_finite(x, weight, status):
+    result = jaxgmm.fit(jax.random.key(1), x, 3, sample_weight=weight, throw=False)
+    assert int(result.status) == status
+    for leaf in jax.tree.leaves(result.gmm):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_nan_in_a_zero_weight_row_is_ignored():
+    weight = np.ones(len(X), np.float32)
+    weight[7] = 0.0
+    result = jaxgmm.fit(jax.random.key(1), with_nan(X), 3, sample_weight=weight)
+    assert int(result.status) == Status.success
+
+
+def test_under_jit_throw_true_raises_at_run_time():
+    fit = jax.jit(lambda x: jaxgmm.fit(jax.random.key(1), x, 3).gmm.means)
+    fit(X)  # compiles and runs on good data
+    with pytest.raises(Exception, match="NaN or infinite"):
+        jax.block_until_ready(fit(with_nan(X)))
+
+
+def test_one_bad_data_set_in_a_vmapped_batch_spoils_nothing_else():
+    xs = np.stack([X, with_nan(X), X + 1.0])
+    keys = jax.random.split(jax.random.key(2), 3)
+    batch = jax.vmap(lambda k, x: jaxgmm.fit(k, x, 3, throw=False))(keys, xs)
+    np.testing.assert_array_equal(batch.status, [0, Status.nonfinite_input, 0])
+    assert np.all(np.isfinite(batch.gmm.means))
+    alone = jaxgmm.fit(keys[2], xs[2], 3)
+    np.testing.assert_allclose(
+        batch.gmm.means[2], alone.gmm.means, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_status_members_carry_messages():
+    assert Status.success == 0
+    for member in Status:
+        assert isinstance(member.message, str) and member.message
+    assert jnp.asarray(Status.nonfinite_input).dtype == jnp.int32

@@ -82,6 +82,11 @@ class CovarianceStructure:
         ...
 
     @staticmethod
+    def check_precisions_cholesky(factor: np.ndarray, n_components: int, n_features: int):
+        """Eager validation; raises ``ValueError`` naming ``precisions_cholesky``."""
+        ...
+
+    @staticmethod
     def identity(n_components: int, n_features: int, dtype) -> Array:
         """Identity covariances (which are also their own precision factors)."""
         ...
@@ -111,6 +116,19 @@ def _check_spd(name: str, matrices: np.ndarray):
     eigenvalues = np.linalg.eigvalsh(matrices)
     if np.any(eigenvalues <= 0):
         raise ValueError(f"`{name}` must be positive definite")
+
+
+def _check_factor(name: str, factor: np.ndarray, shape, kind: str, triangular: bool):
+    """A precision Cholesky factor: right shape, finite, positive diagonal."""
+    _check_shape(name, factor, shape, kind)
+    if triangular:
+        if np.any(np.tril(factor, -1) != 0):
+            raise ValueError(f"`{name}` must be upper triangular for {kind!r}")
+        diagonal = np.diagonal(factor, axis1=-2, axis2=-1)
+    else:
+        diagonal = factor
+    if np.any(diagonal <= 0):
+        raise ValueError(f"`{name}` must have a positive diagonal")
 
 
 def _check_positive(name: str, values: np.ndarray):
@@ -194,6 +212,11 @@ class Full(CovarianceStructure):
         )
 
     @staticmethod
+    def check_precisions_cholesky(factor, n_components, n_features):
+        shape = Full.covariance_shape(n_components, n_features)
+        _check_factor("precisions_cholesky", factor, shape, 'full', True)
+
+    @staticmethod
     def check_covariances(covariances, n_components, n_features):
         shape = Full.covariance_shape(n_components, n_features)
         _check_shape("covariances", covariances, shape, "full")
@@ -264,6 +287,11 @@ class Tied(CovarianceStructure):
     @staticmethod
     def identity(n_components, n_features, dtype):
         return jnp.eye(n_features, dtype=dtype)
+
+    @staticmethod
+    def check_precisions_cholesky(factor, n_components, n_features):
+        shape = Tied.covariance_shape(n_components, n_features)
+        _check_factor("precisions_cholesky", factor, shape, 'tied', True)
 
     @staticmethod
     def check_covariances(covariances, n_components, n_features):
@@ -337,6 +365,11 @@ class Diag(CovarianceStructure):
         return jnp.ones((n_components, n_features), dtype)
 
     @staticmethod
+    def check_precisions_cholesky(factor, n_components, n_features):
+        shape = Diag.covariance_shape(n_components, n_features)
+        _check_factor("precisions_cholesky", factor, shape, 'diag', False)
+
+    @staticmethod
     def check_covariances(covariances, n_components, n_features):
         shape = Diag.covariance_shape(n_components, n_features)
         _check_shape("covariances", covariances, shape, "diag")
@@ -405,6 +438,11 @@ class Spherical(CovarianceStructure):
     @staticmethod
     def identity(n_components, n_features, dtype):
         return jnp.ones((n_components,), dtype)
+
+    @staticmethod
+    def check_precisions_cholesky(factor, n_components, n_features):
+        shape = Spherical.covariance_shape(n_components, n_features)
+        _check_factor("precisions_cholesky", factor, shape, 'spherical', False)
 
     @staticmethod
     def check_covariances(covariances, n_components, n_features):

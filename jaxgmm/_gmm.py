@@ -84,6 +84,9 @@ class GMM(eqx.Module):
         else:
             precisions_cholesky = jnp.asarray(precisions_cholesky).astype(dtype)
             if is_concrete(weights, means, precisions_cholesky):
+                structure.check_precisions_cholesky(
+                    np.asarray(precisions_cholesky), means.shape[-2], means.shape[-1]
+                )
                 covariances = structure.covariances_from_precisions_cholesky(
                     precisions_cholesky
                 )

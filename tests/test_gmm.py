@@ -206,3 +206,14 @@ def test_density_methods_reject_wrong_feature_count(model):
         gmm.log_prob(np.zeros((4, D + 1)))
     with pytest.raises(ValueError, match="2-D"):
         gmm.log_prob(np.zeros(D))
+
+
+def test_precision_factors_must_be_upper_triangular_with_positive_diagonal():
+    gmm = jaxgmm.GMM(np.full(K, 1 / K), np.zeros((K, D)), np.ones((K, D)), "diag")
+    with pytest.raises(ValueError, match="precisions_cholesky"):
+        jaxgmm.GMM.from_precisions_cholesky(
+            gmm.weights, gmm.means, -gmm.precisions_cholesky, "diag"
+        )
+    lower = np.broadcast_to(np.array([[1.0, 0.0], [0.3, 1.0]]), (K, D, D))
+    with pytest.raises(ValueError, match="upper triangular"):
+        jaxgmm.GMM.from_precisions_cholesky(gmm.weights, gmm.means, lower, "full")

@@ -82,7 +82,9 @@ class CovarianceStructure:
         ...
 
     @staticmethod
-    def check_precisions_cholesky(factor: np.ndarray, n_components: int, n_features: int):
+    def check_precisions_cholesky(
+        factor: np.ndarray, n_components: int, n_features: int
+    ):
         """Eager validation; raises ``ValueError`` naming ``precisions_cholesky``."""
         ...
 
@@ -95,6 +97,21 @@ class CovarianceStructure:
     def check_covariances(covariances: np.ndarray, n_components: int, n_features: int):
         """Eager validation; raises ``ValueError`` naming ``covariances``."""
         ...
+
+
+def _column_differences(x: Float[Array, "n d"], centres: Float[Array, "k d"]):
+    """``[x[:, d] - centres[:, d]]`` per feature, each ``(K, n)``: rows innermost.
+
+    For a small number of features, per-feature ``(K, n)`` arrays keep the
+    long axis innermost, so XLA vectorises across rows (and across a vmapped
+    batch of data sets) instead of over a tiny trailing D.
+    """
+    return [x[:, d][None, :] - centres[:, d][:, None] for d in range(x.shape[-1])]
+
+
+def _weighted_squares(x: Float[Array, "n d"], weighted_resp: Float[Array, "k n"]):
+    """``sum_n r_kn x_nd^2``, ``(K, D)``."""
+    return _linalg.weighted_column_sums(x**2, weighted_resp)
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):
@@ -166,20 +183,34 @@ class Full(CovarianceStructure):
 
     @staticmethod
     def squared_mahalanobis(x, means, precisions_cholesky):
-        diff = x[:, None, :] - means[None, :, :]
         if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
-            whitened = jnp.sum(diff[:, :, :, None] * precisions_cholesky[None], axis=-2)
-        else:
-            whitened = jnp.einsum("nkd,kde->nke", diff, precisions_cholesky)
+            diff = _column_differences(x, means)
+            # y_e = sum_{d <= e} P_de (x_d - mu_d): P is upper triangular.
+            whitened = [
+                sum(
+                    precisions_cholesky[:, d, e][:, None] * diff[d]
+                    for d in range(e + 1)
+                )
+                for e in range(len(diff))
+            ]
+            return sum(y * y for y in whitened)
+        diff = x[None, :, :] - means[:, None, :]
+        whitened = jnp.einsum("knd,kde->kne", diff, precisions_cholesky)
         return jnp.sum(whitened**2, axis=-1)
 
     @staticmethod
     def scatter(x, weighted_resp, shift):
-        diff = x[:, None, :] - shift[None, :, :]
         if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
-            weighted = weighted_resp[:, :, None] * diff
-            return jnp.sum(weighted[:, :, :, None] * diff[:, :, None, :], axis=0)
-        return jnp.einsum("nk,nkd,nke->kde", weighted_resp, diff, diff)
+            diff = _column_differences(x, shift)
+            weighted = [weighted_resp * column for column in diff]
+            entries = {
+                (d, e): jnp.sum(weighted[d] * diff[e], axis=-1)
+                for d in range(len(diff))
+                for e in range(d, len(diff))
+            }
+            return _linalg.stack_symmetric(entries, len(diff))
+        diff = x[None, :, :] - shift[:, None, :]
+        return jnp.einsum("kn,knd,kne->kde", weighted_resp, diff, diff)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -214,7 +245,7 @@ class Full(CovarianceStructure):
     @staticmethod
     def check_precisions_cholesky(factor, n_components, n_features):
         shape = Full.covariance_shape(n_components, n_features)
-        _check_factor("precisions_cholesky", factor, shape, 'full', True)
+        _check_factor("precisions_cholesky", factor, shape, "full", True)
 
     @staticmethod
     def check_covariances(covariances, n_components, n_features):
@@ -291,7 +322,7 @@ class Tied(CovarianceStructure):
     @staticmethod
     def check_precisions_cholesky(factor, n_components, n_features):
         shape = Tied.covariance_shape(n_components, n_features)
-        _check_factor("precisions_cholesky", factor, shape, 'tied', True)
+        _check_factor("precisions_cholesky", factor, shape, "tied", True)
 
     @staticmethod
     def check_covariances(covariances, n_components, n_features):
@@ -326,18 +357,24 @@ class Diag(CovarianceStructure):
 
     @staticmethod
     def squared_mahalanobis(x, means, precisions_cholesky):
+        if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+            diff = _column_differences(x, means)
+            return sum(
+                (precisions_cholesky[:, d][:, None] * column) ** 2
+                for d, column in enumerate(diff)
+            )
         # Expanded into matrix products (sklearn's form); x is already centred
         # on the data, so the cancellation stays small.
         precisions = precisions_cholesky**2
         return (
-            jnp.sum(means**2 * precisions, axis=-1)[None, :]
-            - 2.0 * x @ (means * precisions).T
-            + (x**2) @ precisions.T
+            jnp.sum(means**2 * precisions, axis=-1)[:, None]
+            - 2.0 * (means * precisions) @ x.T
+            + precisions @ (x**2).T
         )
 
     @staticmethod
     def scatter(x, weighted_resp, shift):
-        return weighted_resp.T @ (x**2)
+        return _weighted_squares(x, weighted_resp)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -367,7 +404,7 @@ class Diag(CovarianceStructure):
     @staticmethod
     def check_precisions_cholesky(factor, n_components, n_features):
         shape = Diag.covariance_shape(n_components, n_features)
-        _check_factor("precisions_cholesky", factor, shape, 'diag', False)
+        _check_factor("precisions_cholesky", factor, shape, "diag", False)
 
     @staticmethod
     def check_covariances(covariances, n_components, n_features):
@@ -402,17 +439,20 @@ class Spherical(CovarianceStructure):
 
     @staticmethod
     def squared_mahalanobis(x, means, precisions_cholesky):
-        precisions = precisions_cholesky**2
+        precisions = (precisions_cholesky**2)[:, None]
+        if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+            diff = _column_differences(x, means)
+            return precisions * sum(column * column for column in diff)
         squared_distance = (
-            jnp.sum(means**2, axis=-1)[None, :]
-            - 2.0 * x @ means.T
-            + jnp.sum(x**2, axis=-1)[:, None]
+            jnp.sum(means**2, axis=-1)[:, None]
+            - 2.0 * means @ x.T
+            + jnp.sum(x**2, axis=-1)[None, :]
         )
-        return squared_distance * precisions[None, :]
+        return squared_distance * precisions
 
     @staticmethod
     def scatter(x, weighted_resp, shift):
-        return Diag.scatter(x, weighted_resp, shift)
+        return _weighted_squares(x, weighted_resp)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -442,7 +482,7 @@ class Spherical(CovarianceStructure):
     @staticmethod
     def check_precisions_cholesky(factor, n_components, n_features):
         shape = Spherical.covariance_shape(n_components, n_features)
-        _check_factor("precisions_cholesky", factor, shape, 'spherical', False)
+        _check_factor("precisions_cholesky", factor, shape, "spherical", False)
 
     @staticmethod
     def check_covariances(covariances, n_components, n_features):

@@ -144,7 +144,7 @@ class GMM(eqx.Module):
     def _gaussian_log_prob(self, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
         squared = self.structure.squared_mahalanobis(
             x, self.means, self.precisions_cholesky
-        )
+        ).T
         log_det = self.structure.log_det_precisions_cholesky(
             self.precisions_cholesky, self.n_components, self.n_features
         )

@@ -151,7 +151,10 @@ def _gumbel_top_k(key: PRNGKeyArray, data: Data, k: int) -> Int[Array, " k"]:
 
 
 def _point_stats(structure, data: Data, indices: Int[Array, " k"]) -> Stats:
-    """Statistics of one point per component (sklearn's one-hot at ``indices``)."""
+    """Statistics of one point per component (sklearn's one-hot at ``indices``).
+
+    The responsibilities are diagonal: point ``k`` belongs to component ``k``.
+    """
     xc, weight = _centred_rows(data)
     points = xc[indices]
     resp = jnp.diag(weight[indices])
@@ -162,7 +165,7 @@ def _point_stats(structure, data: Data, indices: Int[Array, " k"]) -> Stats:
 
 def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
     def chunk(xc, w, rows):
-        weighted = resp_fn(xc, rows) * w[:, None]
+        weighted = resp_fn(xc, rows) * w[None, :]
         counts, sums, scatter = stats_from_responsibilities(
             structure, xc, weighted, shift
         )
@@ -204,7 +207,7 @@ def initial_gmm(
         structure,
         data,
         jnp.zeros((k, d), dtype),
-        lambda xc, rows: jnp.full((xc.shape[0], k), 1.0 / k, dtype),
+        lambda xc, rows: jnp.full((k, xc.shape[0]), 1.0 / k, dtype),
     )
     whole_data = m_step(uniform, identity, reg_covar, max_condition)
 
@@ -221,7 +224,7 @@ def initial_gmm(
             structure,
             data,
             shift,
-            lambda xc, rows: jax.nn.one_hot(_nearest(xc, centres), k, dtype=dtype),
+            lambda xc, rows: jax.nn.one_hot(_nearest(xc, centres), k, dtype=dtype).T,
         )
     else:  # "random", validated by check_init
 
@@ -229,7 +232,7 @@ def initial_gmm(
             draw = jax.vmap(
                 lambda i: jax.random.uniform(jax.random.fold_in(key, i), (k,), dtype)
             )(rows)
-            return draw / jnp.sum(draw, axis=-1, keepdims=True)
+            return (draw / jnp.sum(draw, axis=-1, keepdims=True)).T
 
         stats = _responsibility_stats(
             structure, data, jnp.zeros((k, d), dtype), random_resp

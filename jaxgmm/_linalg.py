@@ -22,6 +22,23 @@ def _stack_matrix(entries: list[list[Array]]) -> Array:
     return jnp.stack([jnp.stack(row, axis=-1) for row in entries], axis=-2)
 
 
+def weighted_column_sums(
+    x: Float[Array, "n d"], weights: Float[Array, "k n"]
+) -> Float[Array, "k d"]:
+    """``weights @ x``; for small D as per-column reductions over the rows."""
+    if x.shape[-1] > UNROLL_MAX_DIM:
+        return weights @ x
+    columns = [jnp.sum(weights * x[:, d][None, :], axis=-1) for d in range(x.shape[-1])]
+    return jnp.stack(columns, axis=-1)
+
+
+def stack_symmetric(entries: dict[tuple[int, int], Array], d: int) -> Array:
+    """A symmetric ``(..., d, d)`` matrix from its upper-triangle entries."""
+    return _stack_matrix(
+        [[entries[(min(i, j), max(i, j))] for j in range(d)] for i in range(d)]
+    )
+
+
 def cholesky(a: Float[Array, "... d d"]) -> Float[Array, "... d d"]:
     """Lower Cholesky factor ``L`` with ``a = L L^T``; NaN where not positive definite."""
     d = a.shape[-1]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from . import _linalg
 from ._covariance import CovarianceStructure, log_normaliser
 from ._data import Data
 from ._gmm import GMM
@@ -74,25 +75,28 @@ def scatter_shift(structure: type[CovarianceStructure], means: Array) -> Array:
 def stats_from_responsibilities(
     structure: type[CovarianceStructure],
     xc: Float[Array, "n d"],
-    weighted_resp: Float[Array, "n k"],
+    weighted_resp: Float[Array, "k n"],
     shift: Float[Array, "k d"],
 ) -> tuple[Array, Array, Array]:
-    """``(counts, sums, scatter)`` of rows ``xc`` under weighted responsibilities."""
-    counts = jnp.sum(weighted_resp, axis=0)
-    sums = weighted_resp.T @ xc - counts[:, None] * shift
+    """``(counts, sums, scatter)`` of rows ``xc`` under weighted responsibilities.
+
+    Responsibilities are component-major, ``(K, n)``, rows innermost.
+    """
+    counts = jnp.sum(weighted_resp, axis=-1)
+    sums = _linalg.weighted_column_sums(xc, weighted_resp) - counts[:, None] * shift
     scatter = structure.scatter(xc, weighted_resp, shift)
     return counts, sums, scatter
 
 
-def joint_log_prob(gmm: GMM, xc: Float[Array, "n d"]) -> Float[Array, "n k"]:
-    """``log pi_k + log N(x | mu_k, Sigma_k)`` without input checks."""
+def joint_log_prob(gmm: GMM, xc: Float[Array, "n d"]) -> Float[Array, "k n"]:
+    """``log pi_k + log N(x | mu_k, Sigma_k)``, component-major, no input checks."""
     structure = gmm.structure
     squared = structure.squared_mahalanobis(xc, gmm.means, gmm.precisions_cholesky)
     log_det = structure.log_det_precisions_cholesky(
         gmm.precisions_cholesky, gmm.n_components, gmm.n_features
     )
-    log_gauss = -0.5 * squared + log_det[None, :] - log_normaliser(gmm.n_features)
-    return log_gauss + jnp.log(gmm.weights)[None, :]
+    offset = log_det + jnp.log(gmm.weights) - log_normaliser(gmm.n_features)
+    return -0.5 * squared + offset[:, None]
 
 
 def e_step_stats(gmm: GMM, data: Data) -> Stats:
@@ -105,10 +109,15 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
 
     def chunk(xc, weight, _):
         log_prob = joint_log_prob(gmm, xc)
-        log_norm = jax.nn.logsumexp(log_prob, axis=-1)
-        finite = jnp.isfinite(log_norm)
-        resp = jnp.exp(log_prob - jnp.where(finite, log_norm, 0.0)[:, None])
-        weighted = jnp.where(finite[:, None], resp * weight[:, None], 0.0)
+        # One exp per (component, row) serves both the log-sum-exp and the
+        # responsibilities.
+        peak = jnp.max(log_prob, axis=0)
+        peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+        unnormalised = jnp.exp(log_prob - peak[None, :])
+        total = jnp.sum(unnormalised, axis=0)
+        log_norm = peak + jnp.log(total)
+        scale = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
+        weighted = unnormalised * scale[None, :]
         counts, sums, scatter = stats_from_responsibilities(
             structure, xc, weighted, shift
         )

@@ -109,3 +109,24 @@ def test_em_steps_is_differentiable_and_matches_finite_differences(x64, eager):
         np.testing.assert_allclose(
             (up - down) / (2 * h), jnp.sum(g * direction), rtol=1e-4, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("n_features", [2, 6])
+def test_jitted_log_prob_on_many_rows_matches_a_numpy_reference(n_features):
+    # Guards against CPU miscompiles of broadcast-multiply-reduce (jaxlib
+    # 0.10.2, jax-ml/jax#39103), for the unrolled and the einsum path.
+    rng = np.random.default_rng(3)
+    k = 3
+    a = rng.normal(size=(k, n_features, n_features))
+    covariances = a @ np.swapaxes(a, -1, -2) + np.eye(n_features)
+    means = rng.normal(scale=3, size=(k, n_features))
+    gmm = jaxgmm.GMM(np.full(k, 1 / k), means, covariances)
+    x = rng.normal(scale=3, size=(40_000, n_features)).astype(np.float32)
+    precisions = np.linalg.inv(covariances)
+    diff = x[:, None, :].astype(np.float64) - means[None]
+    squared = np.einsum("nkd,kde,nke->nk", diff, precisions, diff)
+    _, log_det = np.linalg.slogdet(covariances)
+    joint = -0.5 * (squared + log_det + n_features * np.log(2 * np.pi)) + np.log(1 / k)
+    expected = np.logaddexp.reduce(joint, axis=1)
+    jitted = jax.jit(lambda g, x: g.log_prob(x))(gmm, x)
+    np.testing.assert_allclose(jitted, expected, rtol=1e-4, atol=1e-3)

@@ -89,6 +89,11 @@ class CovarianceStructure:
         ...
 
     @staticmethod
+    def to_full(covariances: Array, n_components: int, n_features: int) -> Array:
+        """The same covariances as ``(K, D, D)`` matrices."""
+        ...
+
+    @staticmethod
     def identity(n_components: int, n_features: int, dtype) -> Array:
         """Identity covariances (which are also their own precision factors)."""
         ...
@@ -237,6 +242,10 @@ class Full(CovarianceStructure):
         return jnp.where(keep[:, None, None], previous, new)
 
     @staticmethod
+    def to_full(covariances, n_components, n_features):
+        return covariances
+
+    @staticmethod
     def identity(n_components, n_features, dtype):
         return jnp.broadcast_to(
             jnp.eye(n_features, dtype=dtype), (n_components, n_features, n_features)
@@ -314,6 +323,10 @@ class Tied(CovarianceStructure):
         # One matrix serves every component: keep it only if all are kept.
         keep = jnp.all(keep) | ~jnp.all(jnp.isfinite(new))
         return jnp.where(keep, previous, new)
+
+    @staticmethod
+    def to_full(covariances, n_components, n_features):
+        return jnp.broadcast_to(covariances, (n_components, n_features, n_features))
 
     @staticmethod
     def identity(n_components, n_features, dtype):
@@ -398,6 +411,10 @@ class Diag(CovarianceStructure):
         return jnp.where(keep[:, None], previous, new)
 
     @staticmethod
+    def to_full(covariances, n_components, n_features):
+        return covariances[:, :, None] * jnp.eye(n_features, dtype=covariances.dtype)
+
+    @staticmethod
     def identity(n_components, n_features, dtype):
         return jnp.ones((n_components, n_features), dtype)
 
@@ -474,6 +491,10 @@ class Spherical(CovarianceStructure):
     @staticmethod
     def keep_previous(new, previous, keep):
         return jnp.where(keep | ~jnp.isfinite(new), previous, new)
+
+    @staticmethod
+    def to_full(covariances, n_components, n_features):
+        return covariances[:, None, None] * jnp.eye(n_features, dtype=covariances.dtype)
 
     @staticmethod
     def identity(n_components, n_features, dtype):

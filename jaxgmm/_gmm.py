@@ -134,6 +134,13 @@ class GMM(eqx.Module):
         )
 
     @property
+    def full_covariances(self) -> Float[Array, "k d d"]:
+        """Covariances as ``(K, D, D)`` matrices, whatever the covariance type."""
+        return self.structure.to_full(
+            self.covariances, self.n_components, self.n_features
+        )
+
+    @property
     def n_parameters(self) -> int:
         """Free parameters, scikit-learn's count: covariances + means + K - 1."""
         k, d = self.n_components, self.n_features

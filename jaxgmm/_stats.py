@@ -10,7 +10,6 @@ the union of ``a`` and ``b``.
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 

@@ -217,3 +217,13 @@ def test_precision_factors_must_be_upper_triangular_with_positive_diagonal():
     lower = np.broadcast_to(np.array([[1.0, 0.0], [0.3, 1.0]]), (K, D, D))
     with pytest.raises(ValueError, match="upper triangular"):
         jaxgmm.GMM.from_precisions_cholesky(gmm.weights, gmm.means, lower, "full")
+
+
+def test_full_covariances_expand_every_type_to_matrices(model):
+    gmm, _, _, covariances = model
+    np.testing.assert_allclose(
+        gmm.full_covariances,
+        full_covariances(gmm.covariance_type, covariances),
+        rtol=1e-5,
+        atol=1e-6,
+    )

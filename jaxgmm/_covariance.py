@@ -28,9 +28,18 @@ class CovarianceStructure:
     """The interface each covariance type implements (all static methods)."""
 
     name: ClassVar[str]
-    #: Whether the scatter statistic is taken about the current means (per
-    #: component) rather than about the data centre.
-    scatter_about_means: ClassVar[bool]
+
+    @staticmethod
+    def scatter_shift(means: Float[Array, "k d"]) -> Float[Array, "k d"]:
+        """The point each component's scatter is accumulated about.
+
+        The current means where the statistics are formed from per-component
+        differences (exact in float32 however far a component sits from the
+        data centre); zero (the data centre) where they are formed by matrix
+        products of per-row features, which is faster but loses about
+        ``eps * (distance / std)**2`` to cancellation.
+        """
+        ...
 
     @staticmethod
     def covariance_shape(n_components: int, n_features: int) -> tuple[int, ...]: ...
@@ -159,8 +168,23 @@ def _check_positive(name: str, values: np.ndarray):
 
 
 class Full(CovarianceStructure):
+    """Full covariances.
+
+    For up to ``UNROLL_MAX_DIM`` features the Mahalanobis distances and the
+    scatter come from per-component differences ``x - mu_k``. For more
+    features both are matrix products with the per-row features
+    ``[x, x_i x_j (i <= j)]`` (the Gaussian's natural parameters), which
+    needs ~40% fewer operations than whitening every row with every factor
+    and runs as large GEMMs.
+    """
+
     name = "full"
-    scatter_about_means = True
+
+    @staticmethod
+    def scatter_shift(means):
+        if means.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+            return means
+        return jnp.zeros_like(means)
 
     @staticmethod
     def covariance_shape(n_components, n_features):
@@ -199,9 +223,17 @@ class Full(CovarianceStructure):
                 for e in range(len(diff))
             ]
             return sum(y * y for y in whitened)
-        diff = x[None, :, :] - means[:, None, :]
-        whitened = jnp.einsum("knd,kde->kne", diff, precisions_cholesky)
-        return jnp.sum(whitened**2, axis=-1)
+        # (x - mu)^T L (x - mu) = [x, x_i x_j] . [-2 L mu, L_ii, 2 L_ij] + mu^T L mu
+        precisions = _linalg.matmul(
+            precisions_cholesky, _linalg.transpose(precisions_cholesky)
+        )
+        linear = jnp.einsum("kde,ke->kd", precisions, means)
+        coefficients = jnp.concatenate(
+            [-2.0 * linear, _linalg.upper_entries(precisions, off_diagonal_scale=2.0)],
+            axis=-1,
+        )
+        constant = jnp.sum(linear * means, axis=-1)
+        return coefficients @ _linalg.quadratic_features(x).T + constant[:, None]
 
     @staticmethod
     def scatter(x, weighted_resp, shift):
@@ -214,8 +246,9 @@ class Full(CovarianceStructure):
                 for e in range(d, len(diff))
             }
             return _linalg.stack_symmetric(entries, len(diff))
-        diff = x[None, :, :] - shift[:, None, :]
-        return jnp.einsum("kn,knd,kne->kde", weighted_resp, diff, diff)
+        # The shift is zero here (see scatter_shift): sum_n r_kn x_n x_n^T.
+        upper = weighted_resp @ _linalg.quadratic_features(x)[:, x.shape[-1] :]
+        return _linalg.symmetric_from_upper(upper, x.shape[-1])
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -265,7 +298,10 @@ class Full(CovarianceStructure):
 
 class Tied(CovarianceStructure):
     name = "tied"
-    scatter_about_means = True
+
+    @staticmethod
+    def scatter_shift(means):
+        return Full.scatter_shift(means)
 
     @staticmethod
     def covariance_shape(n_components, n_features):
@@ -346,7 +382,10 @@ class Tied(CovarianceStructure):
 
 class Diag(CovarianceStructure):
     name = "diag"
-    scatter_about_means = False
+
+    @staticmethod
+    def scatter_shift(means):
+        return jnp.zeros_like(means)
 
     @staticmethod
     def covariance_shape(n_components, n_features):
@@ -432,7 +471,10 @@ class Diag(CovarianceStructure):
 
 class Spherical(CovarianceStructure):
     name = "spherical"
-    scatter_about_means = False
+
+    @staticmethod
+    def scatter_shift(means):
+        return jnp.zeros_like(means)
 
     @staticmethod
     def covariance_shape(n_components, n_features):

@@ -19,7 +19,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._status import Status
 
 # Elements of the largest per-chunk temporary (rows * K * D) we aim for.
-CHUNK_ELEMENTS = 1 << 17
+CHUNK_ELEMENTS = 1 << 21
 
 
 def rows_per_chunk(n_rows: int, n_components: int, n_features: int) -> int:
@@ -29,11 +29,13 @@ def rows_per_chunk(n_rows: int, n_components: int, n_features: int) -> int:
 
 
 class Data(eqx.Module):
-    """Rows ``x`` with weights, a centre and the chunk size to process them with."""
+    """Rows ``x`` with weights, their weighted centre and per-feature variance,
+    and the chunk size to process them with."""
 
     x: Float[Array, "n d"]
     sample_weight: Float[Array, " n"]
     centre: Float[Array, " d"]
+    variance: Float[Array, " d"]
     unit_weights: Bool[Array, ""]
     chunk_size: int = eqx.field(static=True)
 
@@ -147,15 +149,22 @@ def make_data(
     n, d = x.shape
     chunk = rows_per_chunk(n, n_components, d)
     unit = status != Status.success
-    data = Data(x, sample_weight, jnp.zeros((d,), x.dtype), unit, chunk)
+    zeros = jnp.zeros((d,), x.dtype)
+    data = Data(x, sample_weight, zeros, zeros, unit, chunk)
     # The centre is the first usable row plus the weighted mean offset from
     # it: no cancellation, and independent of zero-weight padding.
     weight = data.weights(x, sample_weight)
     first = jnp.argmax(weight > 0)
     anchor = jnp.where(jnp.isfinite(x[first]), x[first], 0.0)
-    data = Data(x, sample_weight, anchor, unit, chunk)
-    total, moment = data.sum(
-        lambda xc, w, _: (jnp.sum(w), jnp.sum(w[:, None] * xc, axis=0))
+    data = Data(x, sample_weight, anchor, zeros, unit, chunk)
+    total, first, second = data.sum(
+        lambda xc, w, _: (
+            jnp.sum(w),
+            jnp.sum(w[:, None] * xc, axis=0),
+            jnp.sum(w[:, None] * xc**2, axis=0),
+        )
     )
-    offset = moment / jnp.maximum(total, jnp.finfo(x.dtype).tiny)
-    return Data(x, sample_weight, anchor + offset, unit, chunk)
+    total = jnp.maximum(total, jnp.finfo(x.dtype).tiny)
+    offset = first / total
+    variance = jnp.maximum(second / total - offset**2, 0.0)
+    return Data(x, sample_weight, anchor + offset, variance, unit, chunk)

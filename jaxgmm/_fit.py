@@ -172,9 +172,9 @@ def _fit(
     n_init,
     throw,
 ):
+    # Bad data are masked inside make_data; the error (with throw) is attached
+    # to the small outputs, since attaching it to x would copy all the data.
     status = data_status(x, sample_weight, n_components)
-    if throw:
-        x = _error_if_bad(x, status)
     data = make_data(x, sample_weight, status, n_components)
 
     def run(key):
@@ -202,9 +202,9 @@ def _fit(
     status = jnp.where(
         (status == Status.success) & ~finite, Status.nonfinite_parameters, status
     ).astype(jnp.int32)
-    if throw:
-        log_likelihood = _error_if_bad(log_likelihood, status)
-    return FitResult(gmm, log_likelihood, n_iter, converged, history, status)
+    result = FitResult(gmm, log_likelihood, n_iter, converged, history, status)
+    # Every output leaf carries the check, so using any of them raises.
+    return _error_if_bad(result, status) if throw else result
 
 
 def fit(
@@ -310,7 +310,6 @@ def fit(
 @partial(jax.jit, static_argnames=("n_steps",))
 def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
     status = data_status(x, sample_weight, gmm.n_components)
-    x = _error_if_bad(x, status)
     data = make_data(x, sample_weight, status, gmm.n_components)
 
     def step(gmm, _):
@@ -320,7 +319,7 @@ def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
     gmm, log_likelihoods = lax.scan(
         step, shift_means(gmm, -data.centre), None, length=n_steps
     )
-    return shift_means(gmm, data.centre), log_likelihoods
+    return _error_if_bad((shift_means(gmm, data.centre), log_likelihoods), status)
 
 
 def _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition):

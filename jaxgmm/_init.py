@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._data import Data
 from ._gmm import GMM
-from ._stats import Stats, m_step, scatter_shift, stats_from_responsibilities
+from ._stats import Stats, m_step, stats_from_responsibilities
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
 
@@ -27,15 +27,19 @@ def check_init(init: str) -> None:
         raise ValueError(f"`init` must be one of {INIT_METHODS}, got {init!r}")
 
 
-def _centred_rows(data: Data) -> tuple[Array, Array]:
-    """All rows, centred and masked; XLA fuses this into its consumers."""
-    finite = jnp.all(jnp.isfinite(data.x), axis=-1)
-    xc = jnp.where(finite[:, None], data.x - data.centre, 0.0)
-    return xc, data.weights(data.x, data.sample_weight)
+def _row(data: Data, index: Int[Array, ""]) -> Float[Array, " d"]:
+    """One row in raw coordinates (the centre if it is not finite)."""
+    row = data.x[index]
+    return jnp.where(jnp.isfinite(row), row, data.centre)
 
 
-def _squared_distance(xc: Float[Array, "n d"], point: Float[Array, " d"]) -> Array:
-    return jnp.sum((xc - point) ** 2, axis=-1)
+def _squared_distance(data: Data, point: Float[Array, " d"], weight) -> Array:
+    """Squared distance of every usable row to ``point`` (0 for unusable rows).
+
+    Raw coordinates, fused by XLA into its consumers: no centred copy of x.
+    """
+    distance = jnp.sum((data.x - point) ** 2, axis=-1)
+    return jnp.where(weight > 0, distance, 0.0)
 
 
 def _draw_index(u: Array, cumulative: Float[Array, " n"]) -> Int[Array, "..."]:
@@ -54,12 +58,12 @@ def kmeans_plusplus(
     Each new centre is the best of ``2 + log(k)`` candidates drawn with
     probability proportional to weight times squared distance.
     """
-    xc, weight = _centred_rows(data)
+    weight = data.weights(data.x, data.sample_weight)
     n_trials = 2 + int(math.log(n_clusters))
     first = _draw_index(
         jax.random.uniform(jax.random.fold_in(key, 0)), jnp.cumsum(weight)
     )
-    closest = _squared_distance(xc, xc[first])
+    closest = _squared_distance(data, _row(data, first), weight)
     indices = jnp.zeros((n_clusters,), jnp.int32).at[0].set(first)
 
     def add_centre(c, carry):
@@ -73,16 +77,18 @@ def kmeans_plusplus(
         candidates = _draw_index(u, cumulative)
 
         def potential(candidate):
-            return jnp.sum(
-                weight * jnp.minimum(closest, _squared_distance(xc, xc[candidate]))
-            )
+            distance = _squared_distance(data, _row(data, candidate), weight)
+            return jnp.sum(weight * jnp.minimum(closest, distance))
 
         best = candidates[jnp.argmin(lax.map(potential, candidates))]
-        closest = jnp.minimum(closest, _squared_distance(xc, xc[best]))
+        closest = jnp.minimum(
+            closest, _squared_distance(data, _row(data, best), weight)
+        )
         return indices.at[c].set(best), closest
 
     indices, _ = lax.fori_loop(1, n_clusters, add_centre, (indices, closest))
-    return xc[indices], indices
+    centres = jax.vmap(lambda i: _row(data, i))(indices) - data.centre
+    return centres, indices
 
 
 def lloyd(
@@ -155,9 +161,9 @@ def _point_stats(structure, data: Data, indices: Int[Array, " k"]) -> Stats:
 
     The responsibilities are diagonal: point ``k`` belongs to component ``k``.
     """
-    xc, weight = _centred_rows(data)
-    points = xc[indices]
-    resp = jnp.diag(weight[indices])
+    rows = data.x[indices]
+    points = jnp.where(jnp.isfinite(rows), rows - data.centre, 0.0)
+    resp = jnp.diag(data.weights(rows, data.sample_weight[indices]))
     counts, sums, scatter = stats_from_responsibilities(structure, points, resp, points)
     zero = jnp.zeros((), points.dtype)
     return Stats(counts, sums, scatter, points, zero, jnp.sum(counts))
@@ -197,19 +203,16 @@ def initial_gmm(
     structure = structure_for(covariance_type)
     k, d = n_components, data.x.shape[1]
     dtype = data.x.dtype
-    identity = GMM.from_precisions_cholesky(
+    # Where the start leaves a component empty (or degenerate), it falls back
+    # to the data centre with an isotropic covariance of the data's scale.
+    scale = jnp.sqrt(jnp.mean(data.variance) + reg_covar)
+    scale = jnp.where(scale > 0, scale, 1.0)
+    whole_data = GMM.from_precisions_cholesky(
         jnp.full((k,), 1.0 / k, dtype),
         jnp.zeros((k, d), dtype),
-        structure.identity(k, d, dtype),
+        structure.identity(k, d, dtype) / scale,
         covariance_type,
     )
-    uniform = _responsibility_stats(
-        structure,
-        data,
-        jnp.zeros((k, d), dtype),
-        lambda xc, rows: jnp.full((k, xc.shape[0]), 1.0 / k, dtype),
-    )
-    whole_data = m_step(uniform, identity, reg_covar, max_condition)
 
     if init == "kmeans++":
         _, indices = kmeans_plusplus(key, data, k)
@@ -219,7 +222,7 @@ def initial_gmm(
     elif init == "kmeans":
         seeds, _ = kmeans_plusplus(key, data, k)
         centres, _ = lloyd(data, seeds, kmeans_max_iter)
-        shift = scatter_shift(structure, centres)
+        shift = structure.scatter_shift(centres)
         stats = _responsibility_stats(
             structure,
             data,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 from jaxtyping import Array, Float
 
 # Up to this many features the element-wise forms are used. Their graph grows
@@ -30,6 +31,35 @@ def weighted_column_sums(
         return weights @ x
     columns = [jnp.sum(weights * x[:, d][None, :], axis=-1) for d in range(x.shape[-1])]
     return jnp.stack(columns, axis=-1)
+
+
+def _upper_indices(d: int):
+
+    return np.triu_indices(d)
+
+
+def quadratic_features(x: Float[Array, "n d"]) -> Float[Array, "n p"]:
+    """``[x, x_i x_j for i <= j]`` per row: ``D + D(D+1)/2`` features."""
+    rows, cols = _upper_indices(x.shape[-1])
+    return jnp.concatenate([x, x[:, rows] * x[:, cols]], axis=-1)
+
+
+def upper_entries(a: Float[Array, "... d d"], off_diagonal_scale: float = 1.0) -> Array:
+    """Upper-triangle entries of ``a`` in ``quadratic_features`` order."""
+
+    rows, cols = _upper_indices(a.shape[-1])
+    scale = np.where(rows == cols, 1.0, off_diagonal_scale).astype(a.dtype)
+    return a[..., rows, cols] * scale
+
+
+def symmetric_from_upper(upper: Float[Array, "... p"], d: int) -> Array:
+    """Inverse of ``upper_entries``: the symmetric ``(..., d, d)`` matrix."""
+
+    rows, cols = _upper_indices(d)
+    position = np.zeros((d, d), dtype=np.int32)
+    position[rows, cols] = np.arange(len(rows))
+    position[cols, rows] = np.arange(len(rows))
+    return upper[..., position]
 
 
 def stack_symmetric(entries: dict[tuple[int, int], Array], d: int) -> Array:

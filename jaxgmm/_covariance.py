@@ -123,9 +123,16 @@ def _column_differences(x: Float[Array, "n d"], centres: Float[Array, "k d"]):
     return [x[:, d][None, :] - centres[:, d][:, None] for d in range(x.shape[-1])]
 
 
-def _weighted_squares(x: Float[Array, "n d"], weighted_resp: Float[Array, "k n"]):
-    """``sum_n r_kn x_nd^2``, ``(K, D)``."""
-    return _linalg.weighted_column_sums(x**2, weighted_resp)
+def _diagonal_moments(x: Float[Array, "n d"], weighted_resp: Float[Array, "k n"]):
+    """``(sum_n r_kn x_n, sum_n r_kn x_n**2)`` about zero, each ``(K, D)``."""
+    d = x.shape[-1]
+    if d <= _linalg.UNROLL_MAX_DIM:
+        return (
+            _linalg.weighted_column_sums(x, weighted_resp),
+            _linalg.weighted_column_sums(x**2, weighted_resp),
+        )
+    moments = weighted_resp @ jnp.concatenate([x, x**2], axis=-1)
+    return moments[:, :d], moments[:, d:]
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):
@@ -236,19 +243,22 @@ class Full(CovarianceStructure):
         return coefficients @ _linalg.quadratic_features(x).T + constant[:, None]
 
     @staticmethod
-    def scatter(x, weighted_resp, shift):
-        if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+    def moments(x, weighted_resp, shift):
+        d = x.shape[-1]
+        if d <= _linalg.UNROLL_MAX_DIM:
             diff = _column_differences(x, shift)
             weighted = [weighted_resp * column for column in diff]
+            sums = jnp.stack([jnp.sum(column, axis=-1) for column in weighted], -1)
             entries = {
-                (d, e): jnp.sum(weighted[d] * diff[e], axis=-1)
-                for d in range(len(diff))
-                for e in range(d, len(diff))
+                (i, j): jnp.sum(weighted[i] * diff[j], axis=-1)
+                for i in range(d)
+                for j in range(i, d)
             }
-            return _linalg.stack_symmetric(entries, len(diff))
-        # The shift is zero here (see scatter_shift): sum_n r_kn x_n x_n^T.
-        upper = weighted_resp @ _linalg.quadratic_features(x)[:, x.shape[-1] :]
-        return _linalg.symmetric_from_upper(upper, x.shape[-1])
+            return sums, _linalg.stack_symmetric(entries, d)
+        # The shift is zero here (see scatter_shift): one GEMM gives
+        # sum_n r_kn x_n and the upper triangle of sum_n r_kn x_n x_n^T.
+        moments = weighted_resp @ _linalg.quadratic_features(x)
+        return moments[:, :d], _linalg.symmetric_from_upper(moments[:, d:], d)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -333,8 +343,8 @@ class Tied(CovarianceStructure):
         return Full.squared_mahalanobis(x, means, tiled)
 
     @staticmethod
-    def scatter(x, weighted_resp, shift):
-        return Full.scatter(x, weighted_resp, shift)
+    def moments(x, weighted_resp, shift):
+        return Full.moments(x, weighted_resp, shift)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -418,15 +428,14 @@ class Diag(CovarianceStructure):
         # Expanded into matrix products (sklearn's form); x is already centred
         # on the data, so the cancellation stays small.
         precisions = precisions_cholesky**2
-        return (
-            jnp.sum(means**2 * precisions, axis=-1)[:, None]
-            - 2.0 * (means * precisions) @ x.T
-            + precisions @ (x**2).T
-        )
+        coefficients = jnp.concatenate([-2.0 * means * precisions, precisions], -1)
+        features = jnp.concatenate([x, x**2], axis=-1)
+        constant = jnp.sum(means**2 * precisions, axis=-1)
+        return coefficients @ features.T + constant[:, None]
 
     @staticmethod
-    def scatter(x, weighted_resp, shift):
-        return _weighted_squares(x, weighted_resp)
+    def moments(x, weighted_resp, shift):
+        return _diagonal_moments(x, weighted_resp)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -510,8 +519,8 @@ class Spherical(CovarianceStructure):
         return squared_distance * precisions
 
     @staticmethod
-    def scatter(x, weighted_resp, shift):
-        return _weighted_squares(x, weighted_resp)
+    def moments(x, weighted_resp, shift):
+        return _diagonal_moments(x, weighted_resp)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):

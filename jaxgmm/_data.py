@@ -18,13 +18,18 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._status import Status
 
-# Elements of the largest per-chunk temporary (rows * K * D) we aim for.
-CHUNK_ELEMENTS = 1 << 21
+# Budget (elements) for one chunk's temporaries. A row needs at most
+# K + D + D*D of them (responsibilities and quadratic features), so a chunk
+# stays a few MiB to a few tens of MiB whatever N is.
+CHUNK_ELEMENTS = 1 << 24
+# Past a few thousand rows a larger chunk no longer speeds up the GEMMs.
+MAX_CHUNK_ROWS = 4096
 
 
 def rows_per_chunk(n_rows: int, n_components: int, n_features: int) -> int:
     """Static chunk size: the whole data set when small, else a fixed budget."""
-    budget = max(CHUNK_ELEMENTS // max(n_components * n_features, 1), 64)
+    per_row = n_components + n_features + n_features * n_features
+    budget = min(MAX_CHUNK_ROWS, max(CHUNK_ELEMENTS // per_row, 64))
     return max(1, min(n_rows, budget))
 
 

@@ -123,24 +123,47 @@ def _error_if_bad(x: Array, status: Array) -> Array:
 
 
 def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition):
+    """sklearn's EM loop: E-step (log-likelihood of the current parameters),
+    M-step, stop once the log-likelihood changes by less than ``tol``."""
     dtype = data.x.dtype
-    history = jnp.full((max_iter,), jnp.nan, dtype)
-    minus_inf = jnp.array(-jnp.inf, dtype)
+
+    def step(carry, _):
+        gmm, iteration, history, previous, converged = carry
+        stats = e_step_stats(gmm, data)
+        log_likelihood = mean_log_likelihood(stats)
+        new = m_step(stats, gmm, reg_covar, max_condition)
+        active = ~converged & (iteration < max_iter)
+        gmm = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, gmm)
+        history = history.at[iteration].set(
+            jnp.where(active, log_likelihood, history[iteration])
+        )
+        converged = converged | (active & (jnp.abs(log_likelihood - previous) < tol))
+        previous = jnp.where(active, log_likelihood, previous)
+        return (
+            gmm,
+            iteration + active.astype(jnp.int32),
+            history,
+            previous,
+            converged,
+        ), None
 
     def cond(carry):
         _, iteration, _, _, converged = carry
         return (iteration < max_iter) & ~converged
 
     def body(carry):
-        gmm, iteration, history, previous, _ = carry
-        stats = e_step_stats(gmm, data)
-        log_likelihood = mean_log_likelihood(stats)
-        gmm = m_step(stats, gmm, reg_covar, max_condition)
-        converged = jnp.abs(log_likelihood - previous) < tol
-        history = history.at[iteration].set(log_likelihood)
-        return gmm, iteration + 1, history, log_likelihood, converged
+        # The step sits in a one-iteration scan with its update masked by
+        # `active`: XLA:CPU runs the identical step ~2.5x slower when it is
+        # placed directly in a while-loop body (measured, jaxlib 0.10).
+        return lax.scan(step, carry, None, length=1)[0]
 
-    carry = (gmm, jnp.array(0, jnp.int32), history, minus_inf, jnp.array(False))
+    carry = (
+        gmm,
+        jnp.array(0, jnp.int32),
+        jnp.full((max_iter,), jnp.nan, dtype),
+        jnp.array(-jnp.inf, dtype),
+        jnp.array(False),
+    )
     gmm, n_iter, history, log_likelihood, converged = lax.while_loop(cond, body, carry)
     return gmm, log_likelihood, n_iter, converged, history
 

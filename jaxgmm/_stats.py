@@ -15,7 +15,6 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import _linalg
 from ._covariance import CovarianceStructure, log_normaliser
 from ._data import Data
 from ._gmm import GMM
@@ -80,8 +79,7 @@ def stats_from_responsibilities(
     Responsibilities are component-major, ``(K, n)``, rows innermost.
     """
     counts = jnp.sum(weighted_resp, axis=-1)
-    sums = _linalg.weighted_column_sums(xc, weighted_resp) - counts[:, None] * shift
-    scatter = structure.scatter(xc, weighted_resp, shift)
+    sums, scatter = structure.moments(xc, weighted_resp, shift)
     return counts, sums, scatter
 
 

@@ -147,7 +147,7 @@ def test_sample_weight_equals_repeating_rows(dataset):
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 3, size=len(dataset)).astype(np.float64)
     counts[:5] = 1.0
-    start = jaxgmm.fit(jax.random.key(5), dataset, 3, max_iter=1).gmm
+    start = jaxgmm.fit(jax.random.key(5), dataset, 3, max_iter=1, init="kmeans").gmm
     weighted = jaxgmm.fit(
         jax.random.key(0),
         dataset,

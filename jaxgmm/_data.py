@@ -38,7 +38,7 @@ class Data(eqx.Module):
     and the chunk size to process them with."""
 
     x: Float[Array, "n d"]
-    sample_weight: Float[Array, " n"]
+    sample_weight: Float[Array, " n"] | None  # None: every row has weight 1
     centre: Float[Array, " d"]
     variance: Float[Array, " d"]
     unit_weights: Bool[Array, ""]
@@ -51,6 +51,8 @@ class Data(eqx.Module):
     def weights(self, x_chunk, weight_chunk):
         """Effective weights: 0 for non-finite rows, 1 everywhere in fallback."""
         finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+        if weight_chunk is None:
+            weight_chunk = jnp.ones(x_chunk.shape[:1], x_chunk.dtype)
         usable = jnp.where(self.unit_weights, 1.0, jnp.maximum(weight_chunk, 0.0))
         return jnp.where(finite & jnp.isfinite(usable), usable, 0.0).astype(
             x_chunk.dtype
@@ -62,13 +64,17 @@ class Data(eqx.Module):
         xc = jnp.where(finite[:, None], x_chunk - self.centre, 0.0)
         return xc, self.weights(x_chunk, weight_chunk)
 
+    def weight_rows(self, select):
+        """``select(sample_weight)``, or None when every row has weight 1."""
+        return None if self.sample_weight is None else select(self.sample_weight)
+
     def _slices(self):
         """(number of full chunks, size of the remainder)."""
         return divmod(self.n_rows, self.chunk_size)
 
     def _chunk(self, start, size):
         x_chunk = lax.dynamic_slice_in_dim(self.x, start, size)
-        w_chunk = lax.dynamic_slice_in_dim(self.sample_weight, start, size)
+        w_chunk = self.weight_rows(lambda w: lax.dynamic_slice_in_dim(w, start, size))
         return self.rows(x_chunk, w_chunk)
 
     def sum(self, fn):
@@ -97,7 +103,9 @@ class Data(eqx.Module):
             total, _ = lax.scan(body, zeros, starts)
         if remainder > 0:
             start = n_full * self.chunk_size
-            xc, weight = self.rows(self.x[start:], self.sample_weight[start:])
+            xc, weight = self.rows(
+                self.x[start:], self.weight_rows(lambda w: w[start:])
+            )
             out = fn(xc, weight, start + jnp.arange(remainder))
             total = out if total is None else jax.tree.map(jnp.add, total, out)
         return total
@@ -121,16 +129,23 @@ class Data(eqx.Module):
             pieces.append(stacked.reshape((n_full * size,) + stacked.shape[2:]))
         if remainder > 0:
             start = n_full * self.chunk_size
-            xc, weight = self.rows(self.x[start:], self.sample_weight[start:])
+            xc, weight = self.rows(
+                self.x[start:], self.weight_rows(lambda w: w[start:])
+            )
             pieces.append(fn(xc, weight, start + jnp.arange(remainder)))
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
 def data_status(
-    x: Float[Array, "n d"], sample_weight: Float[Array, " n"], n_components: int
+    x: Float[Array, "n d"], sample_weight: Float[Array, " n"] | None, n_components: int
 ) -> Int[Array, ""]:
     """The first problem found in the input, as a :class:`Status` code."""
     finite_rows = jnp.all(jnp.isfinite(x), axis=-1)
+    if sample_weight is None:
+        nonfinite = ~jnp.all(finite_rows)
+        usable = jnp.sum(finite_rows)
+        status = jnp.where(usable < n_components, Status.too_few_weighted_rows, 0)
+        return jnp.where(nonfinite, Status.nonfinite_input, status).astype(jnp.int32)
     nonfinite = jnp.any(~finite_rows & (sample_weight != 0))
     negative = jnp.any(~jnp.isfinite(sample_weight) | (sample_weight < 0))
     usable = jnp.sum((sample_weight > 0) & finite_rows)
@@ -142,7 +157,7 @@ def data_status(
 
 def make_data(
     x: Float[Array, "n d"],
-    sample_weight: Float[Array, " n"],
+    sample_weight: Float[Array, " n"] | None,
     status: Int[Array, ""],
     n_components: int,
 ) -> Data:

@@ -62,9 +62,10 @@ def prepare_x(x) -> Array:
     return x
 
 
-def prepare_weight(sample_weight, x: Array) -> Array:
+def prepare_weight(sample_weight, x: Array) -> Array | None:
+    """Checked weights; None stays None (unit weights, never materialised)."""
     if sample_weight is None:
-        return jnp.ones((x.shape[0],), x.dtype)
+        return None
     sample_weight = jnp.asarray(sample_weight).astype(x.dtype)
     if sample_weight.shape != (x.shape[0],):
         raise ValueError(

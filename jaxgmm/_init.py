@@ -156,17 +156,31 @@ def _gumbel_top_k(key: PRNGKeyArray, data: Data, k: int) -> Int[Array, " k"]:
     return lax.top_k(scores, k)[1].astype(jnp.int32)
 
 
-def _point_stats(structure, data: Data, indices: Int[Array, " k"]) -> Stats:
-    """Statistics of one point per component (sklearn's one-hot at ``indices``).
+def _point_gmm(structure, data: Data, indices: Int[Array, " k"], reg_covar, fallback):
+    """scikit-learn's M-step for one-hot responsibilities at ``indices``.
 
-    The responsibilities are diagonal: point ``k`` belongs to component ``k``.
+    Each component holds one point, so in closed form: mean = the point,
+    covariance = ``reg_covar`` times the identity, weight proportional to the
+    point's weight (plus sklearn's ``10 * eps``). With ``reg_covar = 0`` the
+    covariances come from ``fallback`` instead.
     """
     rows = data.x[indices]
     points = jnp.where(jnp.isfinite(rows), rows - data.centre, 0.0)
-    resp = jnp.diag(data.weights(rows, data.sample_weight[indices]))
-    counts, sums, scatter = stats_from_responsibilities(structure, points, resp, points)
-    zero = jnp.zeros((), points.dtype)
-    return Stats(counts, sums, scatter, points, zero, jnp.sum(counts))
+    weights = data.weights(rows, data.weight_rows(lambda w: w[indices]))
+    weights = weights + 10 * jnp.finfo(weights.dtype).eps
+    k, d = points.shape
+    precisions_cholesky = jnp.where(
+        reg_covar > 0,
+        structure.identity(k, d, points.dtype)
+        / jnp.sqrt(jnp.maximum(reg_covar, 1e-300)),
+        fallback.precisions_cholesky,
+    )
+    return GMM.from_precisions_cholesky(
+        weights / jnp.sum(weights),
+        points,
+        precisions_cholesky,
+        fallback.covariance_type,
+    )
 
 
 def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
@@ -196,7 +210,8 @@ def initial_gmm(
     Following scikit-learn, each method yields responsibilities (one-hot at
     k-means++ seeds, at random rows, at k-means labels, or random rows of
     weights) and the first parameters are one M-step from them. Components
-    the start leaves empty take the whole data's mean and covariance.
+    the start leaves empty sit at the data's centre with an isotropic
+    covariance of the data's scale.
     """
     from ._covariance import structure_for
 
@@ -216,10 +231,11 @@ def initial_gmm(
 
     if init == "kmeans++":
         _, indices = kmeans_plusplus(key, data, k)
-        stats = _point_stats(structure, data, indices)
-    elif init == "random_from_data":
-        stats = _point_stats(structure, data, _gumbel_top_k(key, data, k))
-    elif init == "kmeans":
+        return _point_gmm(structure, data, indices, reg_covar, whole_data)
+    if init == "random_from_data":
+        indices = _gumbel_top_k(key, data, k)
+        return _point_gmm(structure, data, indices, reg_covar, whole_data)
+    if init == "kmeans":
         seeds, _ = kmeans_plusplus(key, data, k)
         centres, _ = lloyd(data, seeds, kmeans_max_iter)
         shift = structure.scatter_shift(centres)

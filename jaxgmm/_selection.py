@@ -16,6 +16,8 @@ def _total_log_likelihood(gmm: GMM, x, sample_weight):
     x = prepare_x(x)
     sample_weight = prepare_weight(sample_weight, x)
     log_prob = gmm.log_prob(x)
+    if sample_weight is None:
+        return jnp.sum(log_prob), jnp.asarray(x.shape[0], log_prob.dtype)
     total = jnp.sum(jnp.where(sample_weight > 0, sample_weight * log_prob, 0.0))
     return total, jnp.sum(sample_weight)
 

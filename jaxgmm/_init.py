@@ -69,11 +69,10 @@ def kmeans_plusplus(
     def add_centre(c, carry):
         indices, closest = carry
         u = jax.random.uniform(jax.random.fold_in(key, c), (n_trials,))
-        weighted = weight * closest
         # When every point sits on a centre already, fall back to the weights.
-        cumulative = jnp.where(
-            jnp.sum(weighted) > 0, jnp.cumsum(weighted), jnp.cumsum(weight)
-        )
+        # (One cumulative sum of N values: the only O(N) temporary here.)
+        spread = jnp.sum(weight * closest) > 0
+        cumulative = jnp.cumsum(jnp.where(spread, weight * closest, weight))
         candidates = _draw_index(u, cumulative)
 
         def potential(candidate):

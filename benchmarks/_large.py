@@ -1,0 +1,230 @@
+"""Time per EM iteration on one large data set: jaxgmm vs scikit-learn.
+
+Shared by ``bench_large_full.py`` and ``bench_large_diag.py``. Both libraries
+fit the same float32 data from the same starting parameters with tol=0.
+
+Per-iteration time is a difference of two fits, so that the work done once
+per fit (validation, data centring, scikit-learn's initialisation and its
+final extra E-step) cancels out::
+
+    per_iteration = (T(max_iter=m2) - T(max_iter=m1)) / (m2 - m1)
+
+jaxgmm uses m1=1, m2=1+5 (``jax.jit`` of ``jaxgmm.fit(..., init_gmm=g)``,
+compiled beforehand, median of ``--repeats``); scikit-learn uses m1=1, m2=3
+(median of ``--sklearn-repeats``), once with numpy's default BLAS threads
+and once under ``threadpool_limits(1)``; the faster counts. The whole-fit
+time divided by m2 is reported too ("amortised"), as is jaxgmm's compile time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import _common as c
+
+
+def run_large(
+    doc: str,
+    benchmark: str,
+    covariance_type: str,
+    n: int,
+    d: int,
+    k: int,
+    target_ratio: float,
+    quick_sizes: tuple[int, int, int],
+) -> None:
+    c.prepare_process()
+    p = c.parser(doc)
+    p.add_argument("--jax-iters", type=int, default=5, help="extra jaxgmm iterations")
+    p.add_argument("--sklearn-iters", type=int, default=2, help="extra sklearn ones")
+    p.add_argument("--sklearn-repeats", type=int, default=None)
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
+
+    import jaxgmm
+
+    c.quiet_sklearn_warnings()
+    env = c.environment()
+    c.print_environment(env)
+    if args.quick:
+        n, d, k = quick_sizes
+    repeats = args.repeats or (2 if args.quick else 5)
+    sk_repeats = args.sklearn_repeats or (1 if args.quick else 2)
+    m1, m2 = 1, 1 + args.jax_iters
+    s1, s2 = 1, 1 + args.sklearn_iters
+    print(f"\nN={n:,}, D={d}, K={k}, covariance_type={covariance_type!r}, tol=0")
+
+    rng = np.random.default_rng(0)
+    weights, means, covs = c.random_mixture(rng, k, d)
+    if covariance_type == "diag":
+        covs = np.diagonal(covs, axis1=-2, axis2=-1).copy()
+        x_np = c.sample_mixture(rng, n, weights, means, _diag_matrix(covs))
+    else:
+        x_np = c.sample_mixture(rng, n, weights, means, covs)
+    w0, mu0, cov0 = c.perturbed_start(rng, weights, means, covs)
+    init = jaxgmm.GMM(
+        w0.astype(np.float32),
+        mu0.astype(np.float32),
+        cov0.astype(np.float32),
+        covariance_type,
+    )
+    x = jnp.asarray(x_np)
+    key = jax.random.key(0)
+    print(f"data: {x_np.nbytes / 1e6:.0f} MB float32 (jaxgmm and scikit-learn input)")
+
+    # -- jaxgmm ----------------------------------------------------------------
+    def make(max_iter):
+        def fit(key, x, init):
+            return jaxgmm.fit(
+                key,
+                x,
+                k,
+                covariance_type=covariance_type,
+                max_iter=max_iter,
+                tol=0.0,
+                init_gmm=init,
+            )
+
+        return fit
+
+    jax_times, compile_info, outs = {}, {}, {}
+    for m in (m1, m2):
+        compiled, lower_s, compile_s = c.compile_jit(make(m), key, x, init)
+        start = time.perf_counter()
+        outs[m] = c.block(compiled(key, x, init))
+        first_s = time.perf_counter() - start
+        jax_times[m] = c.time_call(lambda f=compiled: f(key, x, init), repeats, 0)
+        compile_info[m] = dict(lower_s=lower_s, compile_s=compile_s, first_s=first_s)
+        print(
+            f"jaxgmm max_iter={m}: median {c.median(jax_times[m]):.3f} s "
+            f"(times {', '.join(f'{t:.3f}' for t in jax_times[m])}); "
+            f"lower {lower_s:.2f} s + compile {compile_s:.2f} s"
+        )
+    jax_iter = (c.median(jax_times[m2]) - c.median(jax_times[m1])) / (m2 - m1)
+    jax_amortised = c.median(jax_times[m2]) / m2
+
+    # -- scikit-learn ------------------------------------------------------------
+    # Timed with numpy's default BLAS threads and with one thread (on a shared
+    # machine the OpenBLAS thread hand-off can cost more than it gains); the
+    # faster configuration is scikit-learn's time.
+    sk_kwargs = c.sklearn_init(init)
+    sk_by_threads, sk_models = {}, {}
+    for threads in (None, 1):
+        label = "1 thread" if threads == 1 else "default threads"
+        sk_times = {}
+        with threadpool_limits(threads):
+            for m in (s1, s2):
+                times = []
+                for _ in range(sk_repeats):
+                    gm = GaussianMixture(
+                        k,
+                        covariance_type=covariance_type,
+                        max_iter=m,
+                        tol=0.0,
+                        **sk_kwargs,
+                    )
+                    start = time.perf_counter()
+                    gm.fit(x_np)
+                    times.append(time.perf_counter() - start)
+                sk_times[m], sk_models[m] = times, gm
+                print(
+                    f"scikit-learn {label} max_iter={m}: median "
+                    f"{c.median(times):.2f} s (times "
+                    f"{', '.join(f'{t:.2f}' for t in times)}); "
+                    f"parameters dtype {gm.means_.dtype}"
+                )
+        per_iter = (c.median(sk_times[s2]) - c.median(sk_times[s1])) / (s2 - s1)
+        sk_by_threads[label] = dict(
+            times=sk_times,
+            per_iteration=per_iter,
+            amortised=c.median(sk_times[s2]) / s2,
+        )
+        print(f"scikit-learn {label}: {per_iter:.3f} s per iteration")
+    sk_threads = min(sk_by_threads, key=lambda t: sk_by_threads[t]["per_iteration"])
+    sk_iter = sk_by_threads[sk_threads]["per_iteration"]
+    sk_amortised = sk_by_threads[sk_threads]["amortised"]
+    sk_times = sk_by_threads[sk_threads]["times"]
+    print(f"scikit-learn reference: {sk_threads}")
+
+    # Same start: the log-likelihood histories must agree.
+    history = np.asarray(outs[m2].history[:s2], np.float64)
+    sk_history = np.asarray(sk_models[s2].lower_bounds_, np.float64)
+    ll_diff = float(np.max(np.abs(history - sk_history)))
+    print(
+        f"agreement: jaxgmm history {np.array2string(history, precision=5)} vs "
+        f"scikit-learn {np.array2string(sk_history, precision=5)} "
+        f"(max diff {ll_diff:.1e})"
+    )
+    if ll_diff > 1e-3 * np.max(np.abs(sk_history)):
+        print(
+            "WARNING: jaxgmm and scikit-learn disagree; timings compare different work"
+        )
+
+    flops = c.em_iteration_flops(n, d, k, covariance_type)
+    ratio = sk_iter / jax_iter
+    compile_s = compile_info[m2]["lower_s"] + compile_info[m2]["compile_s"]
+    print()
+    c.print_table(
+        [
+            ["per iteration (difference)", jax_iter, sk_iter, ratio,
+             c.gflops(flops, jax_iter), c.gflops(flops, sk_iter)],
+            ["amortised (fit / max_iter)", jax_amortised, sk_amortised,
+             sk_amortised / jax_amortised, c.gflops(flops, jax_amortised),
+             c.gflops(flops, sk_amortised)],
+        ],
+        ["measure", "jaxgmm s", "sklearn s", "ratio", "jaxgmm GFLOP/s",
+         "sklearn GFLOP/s"],
+    )  # fmt: skip
+    print(
+        f"(FLOPs per iteration: {flops / 1e9:.2f} GFLOP; jaxgmm compile "
+        f"{compile_s:.2f} s, not included above)"
+    )
+    results = dict(
+        n=n,
+        d=d,
+        k=k,
+        covariance_type=covariance_type,
+        flops_per_iteration=flops,
+        jaxgmm_dtype="float32",
+        sklearn_input_dtype=str(x_np.dtype),
+        sklearn_param_dtype=str(sk_models[s2].means_.dtype),
+        jaxgmm_max_iters=[m1, m2],
+        jaxgmm_times_s={str(m): t for m, t in jax_times.items()},
+        jaxgmm_compile={str(m): v for m, v in compile_info.items()},
+        jaxgmm_per_iteration_s=jax_iter,
+        jaxgmm_amortised_s=jax_amortised,
+        sklearn_max_iters=[s1, s2],
+        sklearn_times_s={str(m): t for m, t in sk_times.items()},
+        sklearn_threads=sk_threads,
+        sklearn_by_threads={
+            label: dict(v, times={str(m): t for m, t in v["times"].items()})
+            for label, v in sk_by_threads.items()
+        },
+        sklearn_per_iteration_s=sk_iter,
+        sklearn_amortised_s=sk_amortised,
+        ratio_per_iteration=ratio,
+        ratio_amortised=sk_amortised / jax_amortised,
+        jaxgmm_gflops=c.gflops(flops, jax_iter),
+        sklearn_gflops=c.gflops(flops, sk_iter),
+        agreement_max_loglik_diff=ll_diff,
+    )
+    targets = [c.check_target(f"{benchmark} per-iteration ratio", ratio, target_ratio)]
+    summary = [
+        {"metric": "ratio per iteration", "value": ratio, "unit": "x"},
+        {"metric": "jaxgmm s/iteration", "value": jax_iter, "unit": "s"},
+        {"metric": "sklearn s/iteration", "value": sk_iter, "unit": "s"},
+        {"metric": "jaxgmm GFLOP/s", "value": c.gflops(flops, jax_iter), "unit": ""},
+        {"metric": "jaxgmm compile", "value": compile_s, "unit": "s"},
+    ]
+    c.finish(benchmark, args, env, results, targets, summary)
+
+
+def _diag_matrix(variances):
+    import numpy as np
+
+    return np.stack([np.diag(v) for v in variances])

@@ -114,3 +114,20 @@ def test_random_from_data_never_picks_a_zero_weight_row(data):
 def test_unknown_init_is_rejected(data):
     with pytest.raises(ValueError, match="init"):
         jaxgmm.fit(jax.random.key(0), data[0], 3, init="kmeans+++")
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_permuting_or_duplicating_rows_gives_the_same_fit(data, covariance_type):
+    x, _ = data
+    start = jaxgmm.fit(
+        jax.random.key(6), x, 3, covariance_type=covariance_type, max_iter=1
+    ).gmm
+    kwargs = dict(covariance_type=covariance_type, max_iter=15, tol=0.0, init_gmm=start)
+    base = jaxgmm.fit(jax.random.key(0), x, 3, **kwargs)
+    order = np.random.default_rng(0).permutation(len(x))
+    permuted = jaxgmm.fit(jax.random.key(0), x[order], 3, **kwargs)
+    doubled = jaxgmm.fit(jax.random.key(0), np.concatenate([x, x]), 3, **kwargs)
+    for other in (permuted, doubled):
+        for left, right in zip(jax.tree.leaves(base.gmm), jax.tree.leaves(other.gmm)):
+            np.testing.assert_allclose(left, right, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(base.log_likelihood, other.log_likelihood, rtol=1e-5)

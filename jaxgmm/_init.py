@@ -28,15 +28,15 @@ def check_init(init: str) -> None:
 
 
 def _row(data: Data, index: Int[Array, ""]) -> Float[Array, " d"]:
-    """One row in raw coordinates (the centre if it is not finite)."""
+    """One stored row (the data centre if it is not finite)."""
     row = data.x[index]
-    return jnp.where(jnp.isfinite(row), row, data.centre)
+    return jnp.where(jnp.isfinite(row), row, data.origin)
 
 
 def _squared_distance(data: Data, point: Float[Array, " d"], weight) -> Array:
     """Squared distance of every usable row to ``point`` (0 for unusable rows).
 
-    Raw coordinates, fused by XLA into its consumers: no centred copy of x.
+    Stored coordinates, fused by XLA into its consumers: no centred copy of x.
     """
     distance = jnp.sum((data.x - point) ** 2, axis=-1)
     return jnp.where(weight > 0, distance, 0.0)
@@ -86,7 +86,7 @@ def kmeans_plusplus(
         return indices.at[c].set(best), closest
 
     indices, _ = lax.fori_loop(1, n_clusters, add_centre, (indices, closest))
-    centres = jax.vmap(lambda i: _row(data, i))(indices) - data.centre
+    centres = data.centred(jax.vmap(lambda i: _row(data, i))(indices))
     return centres, indices
 
 
@@ -164,7 +164,7 @@ def _point_gmm(structure, data: Data, indices: Int[Array, " k"], reg_covar, fall
     covariances come from ``fallback`` instead.
     """
     rows = data.x[indices]
-    points = jnp.where(jnp.isfinite(rows), rows - data.centre, 0.0)
+    points = jnp.where(jnp.isfinite(rows), data.centred(rows), 0.0)
     weights = data.weights(rows, data.weight_rows(lambda w: w[indices]))
     weights = weights + 10 * jnp.finfo(weights.dtype).eps
     k, d = points.shape

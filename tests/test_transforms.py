@@ -130,3 +130,23 @@ def test_jitted_log_prob_on_many_rows_matches_a_numpy_reference(n_features):
     expected = np.logaddexp.reduce(joint, axis=1)
     jitted = jax.jit(lambda g, x: g.log_prob(x))(gmm, x)
     np.testing.assert_allclose(jitted, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_vmapped_fits_run_in_blocks_and_equal_separate_fits(monkeypatch):
+    # Blocks of two data sets, so five make two full blocks and a remainder.
+    monkeypatch.setattr(_fit, "BLOCK_ELEMENTS", 2 * len(X) * 2 * 3)
+    _fit._batchable_fit.cache_clear()
+    try:
+        xs = np.stack([X + i for i in range(5)])
+        keys = jax.random.split(jax.random.key(7), 5)
+        batch = jax.vmap(lambda k, x: jaxgmm.fit(k, x, 3, max_iter=20))(keys, xs)
+        shared = jax.vmap(lambda k: jaxgmm.fit(k, X, 3, max_iter=20))(keys)
+        for i in range(5):
+            alone = jaxgmm.fit(keys[i], xs[i], 3, max_iter=20)
+            row = jax.tree.map(lambda leaf, i=i: leaf[i], batch)
+            assert_trees_close(row, alone, 1e-4, 1e-4)
+            alone = jaxgmm.fit(keys[i], X, 3, max_iter=20)
+            row = jax.tree.map(lambda leaf, i=i: leaf[i], shared)
+            assert_trees_close(row, alone, 1e-4, 1e-4)
+    finally:
+        _fit._batchable_fit.cache_clear()

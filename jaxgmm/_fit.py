@@ -238,6 +238,17 @@ def _fit(
 BLOCK_ELEMENTS = 1 << 20
 
 
+def _divisor_block(axis_size: int, block: int) -> int:
+    """A block size near ``block`` that divides ``axis_size`` if one exists:
+    ``lax.map`` compiles a remainder block separately, doubling compile time."""
+    if axis_size <= block:
+        return axis_size
+    for size in range(block, block // 2, -1):
+        if axis_size % size == 0:
+            return size
+    return block
+
+
 @functools.lru_cache(maxsize=256)
 def _batchable_fit(n_rows: int, n_features: int, **static):
     """``_fit`` with a vmap rule that runs a batch in cache-sized blocks.
@@ -265,7 +276,7 @@ def _batchable_fit(n_rows: int, n_features: int, **static):
             full = [next(supply) if b else leaf for leaf, b in zip(leaves, flags)]
             return run(*jax.tree.unflatten(treedef, full))
 
-        out = lax.map(one, mapped, batch_size=min(block, axis_size))
+        out = lax.map(one, mapped, batch_size=_divisor_block(axis_size, block))
         return out, jax.tree.map(lambda _: True, out)
 
     return fit_one

@@ -148,14 +148,19 @@ class GMM(eqx.Module):
 
     # -- densities ----------------------------------------------------------
 
-    def _gaussian_log_prob(self, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
-        squared = self.structure.squared_mahalanobis(
-            x, self.means, self.precisions_cholesky
-        ).T
-        log_det = self.structure.log_det_precisions_cholesky(
+    def joint_log_prob(self, x: Float[Array, "n d"]) -> Float[Array, "k n"]:
+        """``log pi_k + log N(x_n | mu_k, Sigma_k)``, component-major, unchecked.
+
+        The one place the mixture's log density is formed; EM's E-step and the
+        public density methods both use it.
+        """
+        structure = self.structure
+        squared = structure.squared_mahalanobis(x, self.means, self.precisions_cholesky)
+        log_det = structure.log_det_precisions_cholesky(
             self.precisions_cholesky, self.n_components, self.n_features
         )
-        return -0.5 * squared + log_det[None, :] - log_normaliser(self.n_features)
+        offset = log_det + jnp.log(self.weights) - log_normaliser(self.n_features)
+        return -0.5 * squared + offset[:, None]
 
     def component_log_prob(self, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
         r"""``(N, K)`` joint log densities :math:`\log \pi_k + \log \mathcal{N}(x_n | \mu_k, \Sigma_k)`.
@@ -164,8 +169,7 @@ class GMM(eqx.Module):
             >>> gmm.component_log_prob(x).shape  # doctest: +SKIP
             (N, K)
         """
-        x = self._check_x(x)
-        return self._gaussian_log_prob(x) + jnp.log(self.weights)[None, :]
+        return self.joint_log_prob(self._check_x(x)).T
 
     def log_prob(self, x: Float[Array, "n d"]) -> Float[Array, " n"]:
         r"""``(N,)`` log density :math:`\log p(x_n)`, by log-sum-exp over components.

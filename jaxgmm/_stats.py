@@ -15,7 +15,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._covariance import CovarianceStructure, log_normaliser
+from ._covariance import CovarianceStructure
 from ._data import Data
 from ._gmm import GMM
 
@@ -83,17 +83,6 @@ def stats_from_responsibilities(
     return counts, sums, scatter
 
 
-def joint_log_prob(gmm: GMM, xc: Float[Array, "n d"]) -> Float[Array, "k n"]:
-    """``log pi_k + log N(x | mu_k, Sigma_k)``, component-major, no input checks."""
-    structure = gmm.structure
-    squared = structure.squared_mahalanobis(xc, gmm.means, gmm.precisions_cholesky)
-    log_det = structure.log_det_precisions_cholesky(
-        gmm.precisions_cholesky, gmm.n_components, gmm.n_features
-    )
-    offset = log_det + jnp.log(gmm.weights) - log_normaliser(gmm.n_features)
-    return -0.5 * squared + offset[:, None]
-
-
 def e_step_stats(gmm: GMM, data: Data) -> Stats:
     """E-step: responsibilities of every row, summed into :class:`Stats`.
 
@@ -103,7 +92,7 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
     shift = structure.scatter_shift(gmm.means)
 
     def chunk(xc, weight, _):
-        log_prob = joint_log_prob(gmm, xc)
+        log_prob = gmm.joint_log_prob(xc)
         # One exp per (component, row) serves both the log-sum-exp and the
         # responsibilities.
         peak = jnp.max(log_prob, axis=0)

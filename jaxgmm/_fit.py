@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._covariance import structure_for
 from ._data import Data, data_status, make_data
-from ._gmm import GMM, is_concrete
+from ._gmm import GMM, is_concrete, prepare_x
 from ._init import check_init, initial_gmm
 from ._stats import e_step_stats, m_step, mean_log_likelihood
 from ._status import MESSAGES, Status
@@ -49,19 +49,6 @@ def shift_means(gmm: GMM, delta: Array) -> GMM:
 
 
 # -- argument checks (Python level, before tracing) ----------------------------
-
-
-def prepare_x(x) -> Array:
-    x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"`x` must be a 2-D array (N, D), got shape {x.shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(
-            f"`x` must have at least one row and one column, got {x.shape}"
-        )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
 
 
 def prepare_weight(sample_weight, x: Array) -> Array | None:

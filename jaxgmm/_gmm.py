@@ -18,6 +18,20 @@ def is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
 
 
+def prepare_x(x) -> Array:
+    """``x`` as a non-empty 2-D float array; ``ValueError`` naming ``x``."""
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"`x` must be a 2-D array (N, D), got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"`x` must have at least one row and one column, got {x.shape}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
 class GMM(eqx.Module):
     r"""A Gaussian mixture :math:`p(x) = \sum_k \pi_k \mathcal{N}(x | \mu_k, \Sigma_k)`.
 
@@ -228,15 +242,11 @@ class GMM(eqx.Module):
         return x, labels
 
     def _check_x(self, x) -> Array:
-        x = jnp.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"`x` must be 2-D (N, D), got shape {x.shape}")
+        x = prepare_x(x)
         if x.shape[1] != self.n_features:
             raise ValueError(
                 f"`x` has {x.shape[1]} features but the mixture has {self.n_features}"
             )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(self.means.dtype)
         return x
 
 

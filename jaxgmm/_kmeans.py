@@ -8,7 +8,8 @@ import jax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._data import data_status, make_data
-from ._fit import check_positive_int, prepare_weight, prepare_x, raise_for_bad_data
+from ._fit import check_positive_int, prepare_weight, raise_for_bad_data
+from ._gmm import prepare_x
 from ._init import kmeans_labels, kmeans_plusplus, lloyd
 
 

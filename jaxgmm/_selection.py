@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._fit import FitResult, fit, prepare_weight, prepare_x
-from ._gmm import GMM
+from ._fit import FitResult, fit, prepare_weight
+from ._gmm import GMM, prepare_x
 
 
 def _total_log_likelihood(gmm: GMM, x, sample_weight):

@@ -174,14 +174,16 @@ def data_status(
 def make_data(
     x: Float[Array, "n d"],
     sample_weight: Float[Array, " n"] | None,
-    status: Int[Array, ""],
     n_components: int,
-) -> Data:
-    """Wrap checked input: masks bad rows, picks the centre and the chunk size.
+) -> tuple[Data, Int[Array, ""]]:
+    """Wrap checked input: ``(data, status)``.
 
-    When ``status`` reports a problem, every finite row gets unit weight so
-    that the fit can still return finite parameters.
+    Finds the first problem with the input (:func:`data_status`), masks bad
+    rows, picks the centre and the chunk size. When the status reports a
+    problem, every finite row gets unit weight so that a fit can still return
+    finite parameters.
     """
+    status = data_status(x, sample_weight, n_components)
     n, d = x.shape
     chunk = rows_per_chunk(n, n_components, d)
     unit = status != Status.success
@@ -205,9 +207,11 @@ def make_data(
     variance = jnp.maximum(second / total - offset**2, 0.0)
     data = Data(x, sample_weight, anchor + offset, variance, unit, chunk)
     if chunk < n:
-        return data
+        return data, status
     # A data set that fits in one chunk is centred and masked once here, not
     # in every EM iteration: for thousands of small vmapped fits that removes
     # several passes over the batch per iteration. Memory is one chunk.
     xc, weight = data.rows(x, sample_weight)
-    return Data(xc, weight, anchor + offset, variance, unit, chunk, prepared=True)
+    return Data(
+        xc, weight, anchor + offset, variance, unit, chunk, prepared=True
+    ), status

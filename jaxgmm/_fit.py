@@ -17,7 +17,7 @@ from ._covariance import structure_for
 from ._data import Data, data_status, make_data
 from ._gmm import GMM, is_concrete, prepare_x
 from ._init import check_init, initial_gmm
-from ._stats import e_step_stats, m_step, mean_log_likelihood
+from ._stats import em_iteration
 from ._status import MESSAGES, Status
 
 
@@ -119,9 +119,7 @@ def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition)
 
     def step(carry, _):
         gmm, iteration, history, previous, converged = carry
-        stats = e_step_stats(gmm, data)
-        log_likelihood = mean_log_likelihood(stats)
-        new = m_step(stats, gmm, reg_covar, max_condition)
+        new, log_likelihood = em_iteration(gmm, data, reg_covar, max_condition)
         active = ~converged & (iteration < max_iter)
         gmm = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, gmm)
         history = history.at[iteration].set(
@@ -187,8 +185,7 @@ def _fit(
 ):
     # Bad data are masked inside make_data; the error (with throw) is attached
     # to the small outputs, since attaching it to x would copy all the data.
-    status = data_status(x, sample_weight, n_components)
-    data = make_data(x, sample_weight, status, n_components)
+    data, status = make_data(x, sample_weight, n_components)
 
     def run(key):
         if init_gmm is None:
@@ -375,12 +372,10 @@ def fit(
 
 @partial(jax.jit, static_argnames=("n_steps",))
 def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
-    status = data_status(x, sample_weight, gmm.n_components)
-    data = make_data(x, sample_weight, status, gmm.n_components)
+    data, status = make_data(x, sample_weight, gmm.n_components)
 
     def step(gmm, _):
-        stats = e_step_stats(gmm, data)
-        return m_step(stats, gmm, reg_covar, max_condition), mean_log_likelihood(stats)
+        return em_iteration(gmm, data, reg_covar, max_condition)
 
     gmm, log_likelihoods = lax.scan(
         step, shift_means(gmm, -data.centre), None, length=n_steps

@@ -7,7 +7,7 @@ from functools import partial
 import jax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._data import data_status, make_data
+from ._data import make_data
 from ._fit import check_positive_int, prepare_weight, raise_for_bad_data
 from ._gmm import prepare_x
 from ._init import kmeans_labels, kmeans_plusplus, lloyd
@@ -15,8 +15,7 @@ from ._init import kmeans_labels, kmeans_plusplus, lloyd
 
 @partial(jax.jit, static_argnames=("n_clusters", "max_iter"))
 def _kmeans(key, x, sample_weight, *, n_clusters, max_iter):
-    status = data_status(x, sample_weight, n_clusters)
-    data = make_data(x, sample_weight, status, n_clusters)
+    data, _ = make_data(x, sample_weight, n_clusters)
     seeds, _ = kmeans_plusplus(key, data, n_clusters)
     centres, _ = lloyd(data, seeds, max_iter)
     return centres + data.centre, kmeans_labels(data, centres)

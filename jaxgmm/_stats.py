@@ -160,3 +160,9 @@ def m_step(
     return GMM.from_precisions_cholesky(
         weights, means, precisions_cholesky, previous.covariance_type
     )
+
+
+def em_iteration(gmm: GMM, data: Data, reg_covar, max_condition) -> tuple[GMM, Array]:
+    """One EM iteration: ``(new_gmm, mean log-likelihood of gmm)``."""
+    stats = e_step_stats(gmm, data)
+    return m_step(stats, gmm, reg_covar, max_condition), mean_log_likelihood(stats)

@@ -83,11 +83,11 @@ def test_padding_with_zero_weight_rows_gives_the_same_fit(data, init):
 
 def test_kmeans_plus_plus_seeds_are_distinct_data_rows(data):
     x, _ = data
-    from jaxgmm._data import data_status, make_data
+    from jaxgmm._data import make_data
     from jaxgmm._init import kmeans_plusplus
 
     w = jnp.ones(len(x))
-    d = make_data(jnp.asarray(x), w, data_status(jnp.asarray(x), w, 3), 3)
+    d, _ = make_data(jnp.asarray(x), w, 3)
     centres, indices = kmeans_plusplus(jax.random.key(4), d, 3)
     assert len(set(np.asarray(indices).tolist())) == 3
     np.testing.assert_allclose(

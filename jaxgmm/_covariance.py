@@ -495,11 +495,11 @@ class Spherical(CovarianceStructure):
 
     @staticmethod
     def precisions_cholesky_from_covariances(covariances):
-        return 1.0 / jnp.sqrt(covariances)
+        return Diag.precisions_cholesky_from_covariances(covariances)
 
     @staticmethod
     def covariances_from_precisions_cholesky(precisions_cholesky):
-        return 1.0 / precisions_cholesky**2
+        return Diag.covariances_from_precisions_cholesky(precisions_cholesky)
 
     @staticmethod
     def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
@@ -533,7 +533,7 @@ class Spherical(CovarianceStructure):
 
     @staticmethod
     def sampling_factor(precisions_cholesky):
-        return 1.0 / precisions_cholesky
+        return Diag.sampling_factor(precisions_cholesky)
 
     @staticmethod
     def scale_noise(factor, noise, labels):

@@ -60,11 +60,12 @@ class Data(eqx.Module):
         """Stored rows in centred coordinates."""
         return rows - self.origin
 
-    def weights(self, x_chunk, weight_chunk):
+    def weights(self, x_chunk, weight_chunk, finite=None):
         """Effective weights: 0 for non-finite rows, 1 everywhere in fallback."""
         if self.prepared:
             return weight_chunk
-        finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+        if finite is None:
+            finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
         if weight_chunk is None:
             weight_chunk = jnp.ones(x_chunk.shape[:1], x_chunk.dtype)
         usable = jnp.where(self.unit_weights, 1.0, jnp.maximum(weight_chunk, 0.0))
@@ -78,7 +79,7 @@ class Data(eqx.Module):
             return x_chunk, weight_chunk
         finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
         xc = jnp.where(finite[:, None], x_chunk - self.centre, 0.0)
-        return xc, self.weights(x_chunk, weight_chunk)
+        return xc, self.weights(x_chunk, weight_chunk, finite)
 
     def weight_rows(self, select):
         """``select(sample_weight)``, or None when every row has weight 1."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._covariance import structure_for
 from ._data import Data
 from ._gmm import GMM
 from ._stats import Stats, m_step, stats_from_responsibilities
@@ -212,8 +213,6 @@ def initial_gmm(
     the start leaves empty sit at the data's centre with an isotropic
     covariance of the data's scale.
     """
-    from ._covariance import structure_for
-
     structure = structure_for(covariance_type)
     k, d = n_components, data.x.shape[1]
     dtype = data.x.dtype

@@ -59,14 +59,33 @@ class CovarianceStructure:
     ) -> Float[Array, " k"]: ...
 
     @staticmethod
-    def squared_mahalanobis(
-        x: Float[Array, "n d"], means: Float[Array, "k d"], precisions_cholesky: Array
-    ) -> Float[Array, "n k"]: ...
+    def row_features(x: Float[Array, "n d"]) -> Array:
+        """Per-row features that the distances and the moments both read.
+
+        ``x`` itself where both work on per-component differences; otherwise
+        what the two matrix products need (``[x, x**2]`` as ``(n, 2D)`` for
+        diag and spherical, the quadratic features as ``(p, n)`` for full and
+        tied). The E-step computes them once per chunk and passes them to
+        both: XLA does not reliably merge two computations of them inside
+        loops.
+        """
+        ...
 
     @staticmethod
-    def scatter(
-        x: Float[Array, "n d"], weighted_resp: Float[Array, "n k"], shift: Array
-    ) -> Array: ...
+    def squared_mahalanobis(
+        features: Array,
+        means: Float[Array, "k d"],
+        precisions_cholesky: Array,
+    ) -> Float[Array, "k n"]:
+        """Squared Mahalanobis distance of every row to every component."""
+        ...
+
+    @staticmethod
+    def moments(
+        features: Array, weighted_resp: Float[Array, "k n"], shift: Array
+    ) -> tuple[Float[Array, "k d"], Array]:
+        """``(sums, scatter)`` of the rows about ``shift`` (see ``Stats``)."""
+        ...
 
     @staticmethod
     def covariances_from_scatter(
@@ -123,15 +142,21 @@ def _column_differences(x: Float[Array, "n d"], centres: Float[Array, "k d"]):
     return [x[:, d][None, :] - centres[:, d][:, None] for d in range(x.shape[-1])]
 
 
-def _diagonal_moments(x: Float[Array, "n d"], weighted_resp: Float[Array, "k n"]):
+def _diagonal_features(x: Float[Array, "n d"]) -> Array:
+    """``x`` for small D, else ``[x, x**2]`` (one GEMM for either step)."""
+    if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+        return x
+    return jnp.concatenate([x, x**2], axis=-1)
+
+
+def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: int):
     """``(sum_n r_kn x_n, sum_n r_kn x_n**2)`` about zero, each ``(K, D)``."""
-    d = x.shape[-1]
     if d <= _linalg.UNROLL_MAX_DIM:
         return (
-            _linalg.weighted_column_sums(x, weighted_resp),
-            _linalg.weighted_column_sums(x**2, weighted_resp),
+            _linalg.weighted_column_sums(features, weighted_resp),
+            _linalg.weighted_column_sums(features**2, weighted_resp),
         )
-    moments = weighted_resp @ jnp.concatenate([x, x**2], axis=-1)
+    moments = weighted_resp @ features
     return moments[:, :d], moments[:, d:]
 
 
@@ -218,9 +243,15 @@ class Full(CovarianceStructure):
         return jnp.sum(jnp.log(diagonal), axis=-1)
 
     @staticmethod
-    def squared_mahalanobis(x, means, precisions_cholesky):
+    def row_features(x):
         if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
-            diff = _column_differences(x, means)
+            return x
+        return _linalg.quadratic_features(x)
+
+    @staticmethod
+    def squared_mahalanobis(features, means, precisions_cholesky):
+        if means.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+            diff = _column_differences(features, means)
             # y_e = sum_{d <= e} P_de (x_d - mu_d): P is upper triangular.
             whitened = [
                 sum(
@@ -240,13 +271,13 @@ class Full(CovarianceStructure):
             axis=-1,
         )
         constant = jnp.sum(linear * means, axis=-1)
-        return coefficients @ _linalg.quadratic_features(x).T + constant[:, None]
+        return coefficients @ features + constant[:, None]
 
     @staticmethod
-    def moments(x, weighted_resp, shift):
-        d = x.shape[-1]
+    def moments(features, weighted_resp, shift):
+        d = shift.shape[-1]
         if d <= _linalg.UNROLL_MAX_DIM:
-            diff = _column_differences(x, shift)
+            diff = _column_differences(features, shift)
             weighted = [weighted_resp * column for column in diff]
             sums = jnp.stack([jnp.sum(column, axis=-1) for column in weighted], -1)
             entries = {
@@ -257,7 +288,7 @@ class Full(CovarianceStructure):
             return sums, _linalg.stack_symmetric(entries, d)
         # The shift is zero here (see scatter_shift): one GEMM gives
         # sum_n r_kn x_n and the upper triangle of sum_n r_kn x_n x_n^T.
-        moments = weighted_resp @ _linalg.quadratic_features(x)
+        moments = weighted_resp @ features.T
         return moments[:, :d], _linalg.symmetric_from_upper(moments[:, d:], d)
 
     @staticmethod
@@ -337,14 +368,18 @@ class Tied(CovarianceStructure):
         return jnp.broadcast_to(log_det, (n_components,))
 
     @staticmethod
-    def squared_mahalanobis(x, means, precisions_cholesky):
-        k = means.shape[0]
-        tiled = jnp.broadcast_to(precisions_cholesky, (k,) + precisions_cholesky.shape)
-        return Full.squared_mahalanobis(x, means, tiled)
+    def row_features(x):
+        return Full.row_features(x)
 
     @staticmethod
-    def moments(x, weighted_resp, shift):
-        return Full.moments(x, weighted_resp, shift)
+    def squared_mahalanobis(features, means, precisions_cholesky):
+        k = means.shape[0]
+        tiled = jnp.broadcast_to(precisions_cholesky, (k,) + precisions_cholesky.shape)
+        return Full.squared_mahalanobis(features, means, tiled)
+
+    @staticmethod
+    def moments(features, weighted_resp, shift):
+        return Full.moments(features, weighted_resp, shift)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -418,9 +453,13 @@ class Diag(CovarianceStructure):
         return jnp.sum(jnp.log(precisions_cholesky), axis=-1)
 
     @staticmethod
-    def squared_mahalanobis(x, means, precisions_cholesky):
-        if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
-            diff = _column_differences(x, means)
+    def row_features(x):
+        return _diagonal_features(x)
+
+    @staticmethod
+    def squared_mahalanobis(features, means, precisions_cholesky):
+        if means.shape[-1] <= _linalg.UNROLL_MAX_DIM:
+            diff = _column_differences(features, means)
             return sum(
                 (precisions_cholesky[:, d][:, None] * column) ** 2
                 for d, column in enumerate(diff)
@@ -429,13 +468,12 @@ class Diag(CovarianceStructure):
         # on the data, so the cancellation stays small.
         precisions = precisions_cholesky**2
         coefficients = jnp.concatenate([-2.0 * means * precisions, precisions], -1)
-        features = jnp.concatenate([x, x**2], axis=-1)
         constant = jnp.sum(means**2 * precisions, axis=-1)
         return coefficients @ features.T + constant[:, None]
 
     @staticmethod
-    def moments(x, weighted_resp, shift):
-        return _diagonal_moments(x, weighted_resp)
+    def moments(features, weighted_resp, shift):
+        return _diagonal_moments(features, weighted_resp, shift.shape[-1])
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -506,21 +544,26 @@ class Spherical(CovarianceStructure):
         return n_features * jnp.log(precisions_cholesky)
 
     @staticmethod
-    def squared_mahalanobis(x, means, precisions_cholesky):
+    def row_features(x):
+        return _diagonal_features(x)
+
+    @staticmethod
+    def squared_mahalanobis(features, means, precisions_cholesky):
         precisions = (precisions_cholesky**2)[:, None]
-        if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
-            diff = _column_differences(x, means)
+        d = means.shape[-1]
+        if d <= _linalg.UNROLL_MAX_DIM:
+            diff = _column_differences(features, means)
             return precisions * sum(column * column for column in diff)
         squared_distance = (
             jnp.sum(means**2, axis=-1)[:, None]
-            - 2.0 * means @ x.T
-            + jnp.sum(x**2, axis=-1)[None, :]
+            - 2.0 * means @ features[:, :d].T
+            + jnp.sum(features[:, d:], axis=-1)[None, :]
         )
         return squared_distance * precisions
 
     @staticmethod
-    def moments(x, weighted_resp, shift):
-        return _diagonal_moments(x, weighted_resp)
+    def moments(features, weighted_resp, shift):
+        return _diagonal_moments(features, weighted_resp, shift.shape[-1])
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):

@@ -168,8 +168,14 @@ class GMM(eqx.Module):
         The one place the mixture's log density is formed; EM's E-step and the
         public density methods both use it.
         """
+        return self.joint_log_prob_from_features(self.structure.row_features(x))
+
+    def joint_log_prob_from_features(self, features: Array) -> Float[Array, "k n"]:
+        """``joint_log_prob`` of rows given as ``structure.row_features(x)``."""
         structure = self.structure
-        squared = structure.squared_mahalanobis(x, self.means, self.precisions_cholesky)
+        squared = structure.squared_mahalanobis(
+            features, self.means, self.precisions_cholesky
+        )
         log_det = structure.log_det_precisions_cholesky(
             self.precisions_cholesky, self.n_components, self.n_features
         )

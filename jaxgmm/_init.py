@@ -187,7 +187,7 @@ def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
     def chunk(xc, w, rows):
         weighted = resp_fn(xc, rows) * w[None, :]
         counts, sums, scatter = stats_from_responsibilities(
-            structure, xc, weighted, shift
+            structure, structure.row_features(xc), weighted, shift
         )
         return counts, sums, scatter, jnp.sum(w)
 

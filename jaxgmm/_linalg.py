@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Float
 
 # Up to this many features the element-wise forms are used. Their graph grows
@@ -38,10 +39,19 @@ def _upper_indices(d: int):
     return np.triu_indices(d)
 
 
-def quadratic_features(x: Float[Array, "n d"]) -> Float[Array, "n p"]:
-    """``[x, x_i x_j for i <= j]`` per row: ``D + D(D+1)/2`` features."""
-    rows, cols = _upper_indices(x.shape[-1])
-    return jnp.concatenate([x, x[:, rows] * x[:, cols]], axis=-1)
+def quadratic_features(x: Float[Array, "n d"]) -> Float[Array, "p n"]:
+    """``[x, x_i x_j for i <= j]`` per row, feature-major: ``(D + D(D+1)/2, n)``.
+
+    Feature-major, every feature is a product of two contiguous rows of
+    ``x.T``. XLA would otherwise keep ``x.T`` as a strided view of ``x`` and
+    read it column by column; taking it as the product ``I @ x.T`` (exact:
+    one nonzero term per entry, and the rows are finite) makes a contiguous
+    copy, and the features then cost about a third as much (measured).
+    """
+    d = x.shape[-1]
+    xt = lax.dot_general(jnp.eye(d, dtype=x.dtype), x, (((1,), (1,)), ((), ())))
+    rows, cols = _upper_indices(d)
+    return jnp.concatenate([xt, xt[rows] * xt[cols]], axis=0)
 
 
 def upper_entries(a: Float[Array, "... d d"], off_diagonal_scale: float = 1.0) -> Array:

@@ -70,16 +70,17 @@ class Stats(eqx.Module):
 
 def stats_from_responsibilities(
     structure: type[CovarianceStructure],
-    xc: Float[Array, "n d"],
+    features: Array,
     weighted_resp: Float[Array, "k n"],
     shift: Float[Array, "k d"],
 ) -> tuple[Array, Array, Array]:
-    """``(counts, sums, scatter)`` of rows ``xc`` under weighted responsibilities.
+    """``(counts, sums, scatter)`` of rows under weighted responsibilities.
 
-    Responsibilities are component-major, ``(K, n)``, rows innermost.
+    ``features`` are the rows' ``structure.row_features``; responsibilities
+    are component-major, ``(K, n)``, rows innermost.
     """
     counts = jnp.sum(weighted_resp, axis=-1)
-    sums, scatter = structure.moments(xc, weighted_resp, shift)
+    sums, scatter = structure.moments(features, weighted_resp, shift)
     return counts, sums, scatter
 
 
@@ -92,7 +93,9 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
     shift = structure.scatter_shift(gmm.means)
 
     def chunk(xc, weight, _):
-        log_prob = gmm.joint_log_prob(xc)
+        # Computed once: the distances and the moments read the same features.
+        features = structure.row_features(xc)
+        log_prob = gmm.joint_log_prob_from_features(features)
         # One exp per (component, row) serves both the log-sum-exp and the
         # responsibilities.
         peak = jnp.max(log_prob, axis=0)
@@ -108,7 +111,7 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         scale = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
         weighted = unnormalised * scale[None, :]
         counts, sums, scatter = stats_from_responsibilities(
-            structure, xc, weighted, shift
+            structure, features, weighted, shift
         )
         log_likelihood = jnp.sum(jnp.where(weight > 0, weight * log_norm, 0.0))
         return counts, sums, scatter, log_likelihood, jnp.sum(weight)

@@ -83,8 +83,8 @@ class CovarianceStructure:
     @staticmethod
     def moments(
         features: Array, weighted_resp: Float[Array, "k n"], shift: Array
-    ) -> tuple[Float[Array, "k d"], Array]:
-        """``(sums, scatter)`` of the rows about ``shift`` (see ``Stats``)."""
+    ) -> tuple[Float[Array, " k"], Float[Array, "k d"], Array]:
+        """``(counts, sums, scatter)`` of the rows about ``shift`` (see ``Stats``)."""
         ...
 
     @staticmethod
@@ -150,14 +150,21 @@ def _diagonal_features(x: Float[Array, "n d"]) -> Array:
 
 
 def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: int):
-    """``(sum_n r_kn x_n, sum_n r_kn x_n**2)`` about zero, each ``(K, D)``."""
+    """``(sum_n r_kn, sum_n r_kn x_n, sum_n r_kn x_n**2)`` about zero."""
     if d <= _linalg.UNROLL_MAX_DIM:
+        columns = [features[:, i][None, :] for i in range(d)]
+        totals = _linalg.sums_over_rows(
+            [weighted_resp]
+            + [weighted_resp * column for column in columns]
+            + [weighted_resp * column * column for column in columns]
+        )
         return (
-            _linalg.weighted_column_sums(features, weighted_resp),
-            _linalg.weighted_column_sums(features**2, weighted_resp),
+            totals[0],
+            jnp.stack(totals[1 : d + 1], -1),
+            jnp.stack(totals[d + 1 :], -1),
         )
     moments = weighted_resp @ features
-    return moments[:, :d], moments[:, d:]
+    return jnp.sum(weighted_resp, axis=-1), moments[:, :d], moments[:, d:]
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):
@@ -278,18 +285,20 @@ class Full(CovarianceStructure):
         d = shift.shape[-1]
         if d <= _linalg.UNROLL_MAX_DIM:
             diff = _column_differences(features, shift)
-            weighted = [weighted_resp * column for column in diff]
-            sums = jnp.stack([jnp.sum(column, axis=-1) for column in weighted], -1)
-            entries = {
-                (i, j): jnp.sum(weighted[i] * diff[j], axis=-1)
-                for i in range(d)
-                for j in range(i, d)
-            }
-            return sums, _linalg.stack_symmetric(entries, d)
+            pairs = [(i, j) for i in range(d) for j in range(i, d)]
+            totals = _linalg.sums_over_rows(
+                [weighted_resp]
+                + [weighted_resp * column for column in diff]
+                + [weighted_resp * diff[i] * diff[j] for i, j in pairs]
+            )
+            sums = jnp.stack(totals[1 : d + 1], -1)
+            entries = dict(zip(pairs, totals[d + 1 :]))
+            return totals[0], sums, _linalg.stack_symmetric(entries, d)
         # The shift is zero here (see scatter_shift): one GEMM gives
         # sum_n r_kn x_n and the upper triangle of sum_n r_kn x_n x_n^T.
         moments = weighted_resp @ features.T
-        return moments[:, :d], _linalg.symmetric_from_upper(moments[:, d:], d)
+        counts = jnp.sum(weighted_resp, axis=-1)
+        return counts, moments[:, :d], _linalg.symmetric_from_upper(moments[:, d:], d)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):

@@ -24,14 +24,21 @@ def _stack_matrix(entries: list[list[Array]]) -> Array:
     return jnp.stack([jnp.stack(row, axis=-1) for row in entries], axis=-2)
 
 
-def weighted_column_sums(
-    x: Float[Array, "n d"], weights: Float[Array, "k n"]
-) -> Float[Array, "k d"]:
-    """``weights @ x``; for small D as per-column reductions over the rows."""
-    if x.shape[-1] > UNROLL_MAX_DIM:
-        return weights @ x
-    columns = [jnp.sum(weights * x[:, d][None, :], axis=-1) for d in range(x.shape[-1])]
-    return jnp.stack(columns, axis=-1)
+def sums_over_rows(terms: list[Array]) -> list[Array]:
+    """``[t.sum(axis=-1) for t in terms]`` as one variadic reduction.
+
+    XLA then reads the (fused) inputs in a single pass instead of writing
+    each product out and reducing it separately: for many small fits the
+    moments are bound by memory traffic, not arithmetic.
+    """
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    out = lax.reduce(
+        tuple(terms),
+        zeros,
+        lambda a, b: tuple(u + v for u, v in zip(a, b)),
+        (terms[0].ndim - 1,),
+    )
+    return list(out)
 
 
 def _upper_indices(d: int):

@@ -79,9 +79,7 @@ def stats_from_responsibilities(
     ``features`` are the rows' ``structure.row_features``; responsibilities
     are component-major, ``(K, n)``, rows innermost.
     """
-    counts = jnp.sum(weighted_resp, axis=-1)
-    sums, scatter = structure.moments(features, weighted_resp, shift)
-    return counts, sums, scatter
+    return structure.moments(features, weighted_resp, shift)
 
 
 def e_step_stats(gmm: GMM, data: Data) -> Stats:

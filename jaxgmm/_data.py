@@ -33,6 +33,54 @@ def rows_per_chunk(n_rows: int, n_components: int, n_features: int) -> int:
     return max(1, min(n_rows, budget))
 
 
+def _identity(combine, shape: jax.ShapeDtypeStruct) -> Array:
+    """The identity element of ``combine`` (add or minimum) for ``shape``."""
+    if combine is jnp.add:
+        value = 0
+    elif combine is jnp.minimum:
+        dtype = jnp.dtype(shape.dtype)
+        value = jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.inf
+    else:
+        raise NotImplementedError(combine)
+    return jnp.full(shape.shape, value, shape.dtype)
+
+
+def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
+    """``fn(x_chunk, weight_chunk, row_index)`` over row chunks of the raw
+    ``x`` (and ``sample_weight``, which may be None), combined with
+    ``combine``. A ``lax.scan`` over full chunks plus one remainder chunk:
+    nothing the size of ``x`` is ever materialised."""
+    n_rows = x.shape[0]
+    n_full, remainder = divmod(n_rows, chunk_size)
+
+    def weights(select):
+        return None if sample_weight is None else select(sample_weight)
+
+    if n_full == 1 and remainder == 0:
+        return fn(x, sample_weight, jnp.arange(n_rows))
+    total = None
+    if n_full > 0:
+        size = chunk_size
+
+        def chunk(start):
+            x_chunk = lax.dynamic_slice_in_dim(x, start, size)
+            w_chunk = weights(lambda w: lax.dynamic_slice_in_dim(w, start, size))
+            return fn(x_chunk, w_chunk, start + jnp.arange(size))
+
+        def body(acc, start):
+            return jax.tree.map(combine, acc, chunk(start)), None
+
+        out_shape = jax.eval_shape(chunk, jax.ShapeDtypeStruct((), jnp.int32))
+        initial = jax.tree.map(lambda a: _identity(combine, a), out_shape)
+        starts = jnp.arange(n_full, dtype=jnp.int32) * size
+        total, _ = lax.scan(body, initial, starts)
+    if remainder > 0:
+        start = n_full * chunk_size
+        out = fn(x[start:], weights(lambda w: w[start:]), start + jnp.arange(remainder))
+        total = out if total is None else jax.tree.map(combine, total, out)
+    return total
+
+
 class Data(eqx.Module):
     """Rows ``x`` with weights, their weighted centre and per-feature variance,
     and the chunk size to process them with."""
@@ -96,36 +144,18 @@ class Data(eqx.Module):
 
     def sum(self, fn):
         """``sum over chunks of fn(xc, weight, row_index)`` for a pytree-valued fn."""
-        n_full, remainder = self._slices()
-        total = None
-        if n_full == 1 and remainder == 0:
-            xc, weight = self.rows(self.x, self.sample_weight)
-            return fn(xc, weight, jnp.arange(self.n_rows))
-        if n_full > 0:
-            size = self.chunk_size
+        return self.reduce(fn, jnp.add)
 
-            def body(acc, start):
-                xc, weight = self._chunk(start, size)
-                out = fn(xc, weight, start + jnp.arange(size))
-                return jax.tree.map(jnp.add, acc, out), None
-
-            out_shape = jax.eval_shape(
-                fn,
-                jax.ShapeDtypeStruct((size, self.x.shape[1]), self.x.dtype),
-                jax.ShapeDtypeStruct((size,), self.x.dtype),
-                jax.ShapeDtypeStruct((size,), jnp.int32),
-            )
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-            starts = jnp.arange(n_full, dtype=jnp.int32) * size
-            total, _ = lax.scan(body, zeros, starts)
-        if remainder > 0:
-            start = n_full * self.chunk_size
-            xc, weight = self.rows(
-                self.x[start:], self.weight_rows(lambda w: w[start:])
-            )
-            out = fn(xc, weight, start + jnp.arange(remainder))
-            total = out if total is None else jax.tree.map(jnp.add, total, out)
-        return total
+    def reduce(self, fn, combine):
+        """``fn(xc, weight, row_index)`` of every chunk, combined with ``combine``
+        (an associative element-wise op such as ``jnp.add`` or ``jnp.minimum``)."""
+        return reduce_chunks(
+            self.x,
+            self.sample_weight,
+            self.chunk_size,
+            lambda x_chunk, w_chunk, rows: fn(*self.rows(x_chunk, w_chunk), rows),
+            combine,
+        )
 
     def map(self, fn):
         """Row-wise ``fn(xc, weight, row_index) -> (n, ...)`` over chunks, concatenated."""
@@ -156,16 +186,28 @@ class Data(eqx.Module):
 def data_status(
     x: Float[Array, "n d"], sample_weight: Float[Array, " n"] | None, n_components: int
 ) -> Int[Array, ""]:
-    """The first problem found in the input, as a :class:`Status` code."""
-    finite_rows = jnp.all(jnp.isfinite(x), axis=-1)
-    if sample_weight is None:
-        nonfinite = ~jnp.all(finite_rows)
-        usable = jnp.sum(finite_rows)
-        status = jnp.where(usable < n_components, Status.too_few_weighted_rows, 0)
-        return jnp.where(nonfinite, Status.nonfinite_input, status).astype(jnp.int32)
-    nonfinite = jnp.any(~finite_rows & (sample_weight != 0))
-    negative = jnp.any(~jnp.isfinite(sample_weight) | (sample_weight < 0))
-    usable = jnp.sum((sample_weight > 0) & finite_rows)
+    """The first problem found in the input, as a :class:`Status` code.
+
+    Counted chunk by chunk: a whole-array ``isfinite(x)`` would materialise
+    an N x D boolean array (160 MB for 10 million rows of 16 features).
+    """
+
+    def counts(x_chunk, w_chunk, _):
+        finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+        if w_chunk is None:
+            return jnp.sum(~finite), jnp.sum(finite), jnp.int32(0)
+        return (
+            jnp.sum(~finite & (w_chunk != 0)),
+            jnp.sum((w_chunk > 0) & finite),
+            jnp.sum(~jnp.isfinite(w_chunk) | (w_chunk < 0)),
+        )
+
+    n, d = x.shape
+    chunk = rows_per_chunk(n, n_components, d)
+    nonfinite, usable, negative = reduce_chunks(
+        x, sample_weight, chunk, counts, jnp.add
+    )
+    nonfinite, negative = nonfinite > 0, negative > 0
     status = jnp.where(usable < n_components, Status.too_few_weighted_rows, 0)
     status = jnp.where(negative, Status.negative_weights, status)
     status = jnp.where(nonfinite, Status.nonfinite_input, status)
@@ -192,8 +234,10 @@ def make_data(
     data = Data(x, sample_weight, zeros, zeros, unit, chunk)
     # The centre is the first usable row plus the weighted mean offset from
     # it: no cancellation, and independent of zero-weight padding.
-    weight = data.weights(x, sample_weight)
-    first = jnp.argmax(weight > 0)
+    first = data.reduce(
+        lambda _, w, rows: jnp.min(jnp.where(w > 0, rows, n)), jnp.minimum
+    )
+    first = jnp.where(first < n, first, 0)
     anchor = jnp.where(jnp.isfinite(x[first]), x[first], 0.0)
     data = Data(x, sample_weight, anchor, zeros, unit, chunk)
     total, first, second = data.sum(

@@ -43,11 +43,59 @@ def _squared_distance(data: Data, point: Float[Array, " d"], weight) -> Array:
     return jnp.where(weight > 0, distance, 0.0)
 
 
-def _draw_index(u: Array, cumulative: Float[Array, " n"]) -> Int[Array, "..."]:
-    """Index ``i`` with probability ``increment_i / total``: inverse CDF."""
-    target = u * cumulative[-1]
+# Rows per block of the two-level inverse CDF in ``_draw_indices``.
+SAMPLING_BLOCK = 4096
+
+
+def _last_positive(values: Float[Array, " n"]) -> Int[Array, ""]:
+    """Index of the last positive entry (0 if there is none)."""
+    return jnp.max(jnp.where(values > 0, jnp.arange(values.shape[0]), 0))
+
+
+def _inverse_cdf(values: Float[Array, " n"], target: Array) -> Int[Array, "..."]:
+    """First index whose cumulative sum exceeds ``target``, never a zero entry."""
+    cumulative = jnp.cumsum(values)
     index = jnp.searchsorted(cumulative, target, side="right")
-    return jnp.minimum(index, cumulative.shape[0] - 1)
+    return jnp.minimum(index, _last_positive(values))
+
+
+def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
+    """Index ``i`` with probability ``values_i / sum(values)`` for each ``u``.
+
+    Inverse CDF in two levels, so that no cumulative sum of all N values
+    (and none of its N-sized temporaries) is formed: block totals first,
+    then the cumulative sum of the one block the target falls in. Blocks
+    start at row 0, so zero-valued rows appended at the end (padding)
+    change no draw.
+    """
+    n = values.shape[0]
+    block = SAMPLING_BLOCK
+    if n <= 2 * block:
+        return _inverse_cdf(values, u * jnp.sum(values)).astype(jnp.int32)
+    n_full = n // block
+    # Sliced inside a loop: slicing the first n_full * block values and
+    # reshaping them would copy all N of them.
+    totals = lax.map(
+        lambda b: jnp.sum(lax.dynamic_slice_in_dim(values, b * block, block)),
+        jnp.arange(n_full),
+    )
+    if n_full * block < n:
+        totals = jnp.concatenate([totals, jnp.sum(values[n_full * block :])[None]])
+    block_cumulative = jnp.cumsum(totals)
+
+    def one(u):
+        target = u * block_cumulative[-1]
+        chosen = jnp.searchsorted(block_cumulative, target, side="right")
+        chosen = jnp.minimum(chosen, _last_positive(totals))
+        before = jnp.where(chosen > 0, block_cumulative[chosen - 1], 0.0)
+        # The last block may be short: slice a full block ending at row n and
+        # zero the rows of the previous block it overlaps.
+        start = jnp.minimum(chosen * block, n - block)
+        piece = lax.dynamic_slice_in_dim(values, start, block)
+        piece = jnp.where(start + jnp.arange(block) >= chosen * block, piece, 0.0)
+        return start + _inverse_cdf(piece, target - before)
+
+    return jax.vmap(one)(u).astype(jnp.int32)
 
 
 def kmeans_plusplus(
@@ -58,32 +106,39 @@ def kmeans_plusplus(
     Returns centres in the data's centred coordinates and their row indices.
     Each new centre is the best of ``2 + log(k)`` candidates drawn with
     probability proportional to weight times squared distance.
+
+    Memory: two per-row vectors (the weights and the weighted distance to
+    the closest centre so far); distances to candidates are fused into
+    their reductions, never stored.
     """
     weight = data.weights(data.x, data.sample_weight)
     n_trials = 2 + int(math.log(n_clusters))
-    first = _draw_index(
-        jax.random.uniform(jax.random.fold_in(key, 0)), jnp.cumsum(weight)
-    )
-    closest = _squared_distance(data, _row(data, first), weight)
+    u0 = jax.random.uniform(jax.random.fold_in(key, 0), (1,))
+    first = _draw_indices(u0, weight)[0]
+    # weight * min(d_1, d_2) = min(weight * d_1, weight * d_2): the weighted
+    # distance to the closest centre is all the loop needs to carry.
+    closest = weight * _squared_distance(data, _row(data, first), weight)
     indices = jnp.zeros((n_clusters,), jnp.int32).at[0].set(first)
 
     def add_centre(c, carry):
         indices, closest = carry
         u = jax.random.uniform(jax.random.fold_in(key, c), (n_trials,))
         # When every point sits on a centre already, fall back to the weights.
-        # (One cumulative sum of N values: the only O(N) temporary here.)
-        spread = jnp.sum(weight * closest) > 0
-        cumulative = jnp.cumsum(jnp.where(spread, weight * closest, weight))
-        candidates = _draw_index(u, cumulative)
+        # (A cond, not a select: no N-sized mixture of the two is formed.)
+        candidates = lax.cond(
+            jnp.sum(closest) > 0,
+            lambda: _draw_indices(u, closest),
+            lambda: _draw_indices(u, weight),
+        )
+
+        def weighted_distance(candidate):
+            return weight * _squared_distance(data, _row(data, candidate), weight)
 
         def potential(candidate):
-            distance = _squared_distance(data, _row(data, candidate), weight)
-            return jnp.sum(weight * jnp.minimum(closest, distance))
+            return jnp.sum(jnp.minimum(closest, weighted_distance(candidate)))
 
         best = candidates[jnp.argmin(lax.map(potential, candidates))]
-        closest = jnp.minimum(
-            closest, _squared_distance(data, _row(data, best), weight)
-        )
+        closest = jnp.minimum(closest, weighted_distance(best))
         return indices.at[c].set(best), closest
 
     indices, _ = lax.fori_loop(1, n_clusters, add_centre, (indices, closest))

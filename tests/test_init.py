@@ -131,3 +131,28 @@ def test_permuting_or_duplicating_rows_gives_the_same_fit(data, covariance_type)
         for left, right in zip(jax.tree.leaves(base.gmm), jax.tree.leaves(other.gmm)):
             np.testing.assert_allclose(left, right, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(base.log_likelihood, other.log_likelihood, rtol=1e-5)
+
+
+def test_two_level_inverse_cdf_matches_one_cumulative_sum():
+    # More than two blocks of SAMPLING_BLOCK rows plus a short last block.
+    # Small integer values keep every float32 partial sum exact, so the
+    # reference (one cumulative sum in float64) must agree index for index.
+    from jaxgmm._init import SAMPLING_BLOCK, _draw_indices
+
+    n = 3 * SAMPLING_BLOCK + 123
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 4, n).astype(np.float32)
+    values[rng.random(n) < 0.5] = 0.0
+    values[-200:] = 0.0  # the tail (part of the last block) is empty
+    u = np.r_[rng.random(500), 0.0, np.nextafter(np.float32(1), np.float32(0))]
+    u = u.astype(np.float32)
+    draw = jax.jit(_draw_indices)
+    got = np.asarray(draw(u, values))
+    cumulative = np.cumsum(values.astype(np.float64))
+    target = u * np.float32(cumulative[-1])  # float32, as jaxgmm forms it
+    expected = np.searchsorted(cumulative, target.astype(np.float64), side="right")
+    np.testing.assert_array_equal(got, expected)
+    assert np.all(values[got] > 0)
+    # Zero-valued rows appended at the end change no draw.
+    padded = np.r_[values, np.zeros(5000, np.float32)]
+    np.testing.assert_array_equal(np.asarray(draw(u, padded)), got)

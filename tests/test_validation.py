@@ -138,3 +138,27 @@ def test_status_members_carry_messages():
     for member in Status:
         assert isinstance(member.message, str) and member.message
     assert jnp.asarray(Status.nonfinite_input).dtype == jnp.int32
+
+
+def test_status_is_counted_over_every_chunk():
+    # 10,001 rows are 2 full chunks of 4096 plus a remainder: a bad row or
+    # weight in any of the three pieces is found (data_status works by chunks).
+    from jaxgmm._data import data_status, rows_per_chunk
+
+    n = 10_001
+    assert rows_per_chunk(n, 3, 2) == 4096
+    x = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    status = jax.jit(data_status, static_argnums=2)
+    assert int(status(x, None, 3)) == Status.success
+    for row in (5, 5000, 10_000):
+        bad = x.copy()
+        bad[row, 1] = np.inf
+        assert int(status(bad, None, 3)) == Status.nonfinite_input
+        weight = np.ones(n, np.float32)
+        weight[row] = -1.0
+        assert int(status(x, weight, 3)) == Status.negative_weights
+        weight[row] = 0.0
+        assert int(status(bad, weight, 3)) == Status.success
+    few = np.zeros(n, np.float32)
+    few[[1, 9000]] = 1.0
+    assert int(status(x, few, 3)) == Status.too_few_weighted_rows

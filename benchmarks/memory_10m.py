@@ -19,7 +19,11 @@ What it measures
     size. MB are 1e6 bytes. For information it also measures the same fit
     started from ``init_gmm`` (no k-means++) and both with ``throw=False``
     (no ``equinox`` error check on ``x``), to separate the memory of the
-    initialisation, of the input check and of EM itself.
+    initialisation, of the input check and of EM itself; and the default fit
+    compiled ahead (``jax.jit(fit).lower(...).compile()``) before it runs,
+    which splits the peak into what XLA's compilation leaves resident
+    ("before fit" minus "after data") and what the running fit adds on top
+    ("peak - before fit"; "fit s" then excludes compilation).
 
     Target: peak RSS < 2 x data size (1,280 MB) for the default fit
     (k-means++, throw=True).
@@ -48,11 +52,12 @@ TARGET_RATIO = 2.0
 CHILD_PREFIX = "MEMORY_RESULT "
 
 
-VARIANTS = (  # (init, throw); the first is the target
-    ("kmeans++", True),
-    ("init_gmm", True),
-    ("kmeans++", False),
-    ("init_gmm", False),
+VARIANTS = (  # (init, throw, compile_first); the first is the target
+    ("kmeans++", True, False),
+    ("init_gmm", True, False),
+    ("kmeans++", False, False),
+    ("init_gmm", False, False),
+    ("kmeans++", True, True),
 )
 
 
@@ -66,7 +71,7 @@ def _aligned_empty(shape, dtype, align: int = 64):
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def child(n: int, init: str, throw: bool) -> None:
+def child(n: int, init: str, throw: bool, compile_first: bool) -> None:
     import jax
     import numpy as np
 
@@ -107,18 +112,20 @@ def child(n: int, init: str, throw: bool) -> None:
         init_gmm = jaxgmm.GMM(
             w0.astype(np.float32), m0.astype(np.float32), s0.astype(np.float32)
         )
-    start = time.perf_counter()
-    result = c.block(
-        jaxgmm.fit(
-            jax.random.key(1),
-            x,
-            K,
-            max_iter=MAX_ITER,
-            tol=0.0,
-            init_gmm=init_gmm,
-            throw=throw,
+
+    def fit(key, x):
+        return jaxgmm.fit(
+            key, x, K, max_iter=MAX_ITER, tol=0.0, init_gmm=init_gmm, throw=throw
         )
-    )
+
+    if compile_first:
+        # XLA's compilation, separately: what it leaves resident (memory the
+        # allocator keeps after the compiler frees it) versus what the fit
+        # itself needs while it runs.
+        fit = jax.jit(fit).lower(jax.random.key(1), x).compile()
+    rss_before_fit = c.current_rss_mb()
+    start = time.perf_counter()
+    result = c.block(fit(jax.random.key(1), x))
     seconds = time.perf_counter() - start
     out = dict(
         n=n,
@@ -130,6 +137,8 @@ def child(n: int, init: str, throw: bool) -> None:
         baseline_rss_mb=baseline,
         peak_after_import_mb=peak_after_import,
         rss_after_data_mb=after_data,
+        compile_first=compile_first,
+        rss_before_fit_mb=rss_before_fit,
         peak_after_data_mb=peak_after_data,
         peak_rss_mb=c.peak_rss_mb(),
         fit_seconds_incl_compile=seconds,
@@ -144,21 +153,24 @@ def main() -> None:
     p = c.parser(__doc__)
     p.add_argument("--child", choices=("kmeans++", "init_gmm"), default=None)
     p.add_argument("--no-throw", action="store_true", help="child: throw=False")
+    p.add_argument("--compile-first", action="store_true", help="child: AOT compile")
     args = p.parse_args()
     n = 200_000 if args.quick else N
     if args.child:
-        child(n, args.child, not args.no_throw)
+        child(n, args.child, not args.no_throw, args.compile_first)
         return
 
     env = c.environment()
     c.print_environment(env)
     print(f"\nN={n:,}, D={D}, K={K}, full, float32, max_iter={MAX_ITER}, tol=0")
     runs = {}
-    for init, throw in VARIANTS:
-        name = f"{init}, throw={throw}"
+    for init, throw, compile_first in VARIANTS:
+        name = f"{init}, throw={throw}" + (", compiled first" if compile_first else "")
         cmd = [sys.executable, __file__, "--child", init]
         if not throw:
             cmd.append("--no-throw")
+        if compile_first:
+            cmd.append("--compile-first")
         if args.quick:
             cmd.append("--quick")
         proc = subprocess.run(
@@ -183,7 +195,9 @@ def main() -> None:
                 r["data_mb"],
                 r["baseline_rss_mb"],
                 r["rss_after_data_mb"],
+                r["rss_before_fit_mb"],
                 r["peak_rss_mb"],
+                r["peak_rss_mb"] - r["rss_before_fit_mb"],
                 r["peak_over_data"],
                 r["increment_over_data"],
                 r["fit_seconds_incl_compile"],
@@ -192,8 +206,8 @@ def main() -> None:
     print()
     c.print_table(
         rows,
-        ["variant", "data MB", "baseline MB", "after data MB", "peak MB",
-         "peak/data", "(peak-base)/data", "fit s (incl. compile)"],
+        ["variant", "data MB", "baseline MB", "after data MB", "before fit MB",
+         "peak MB", "peak - before fit", "peak/data", "(peak-base)/data", "fit s"],
     )  # fmt: skip
     main_run = runs["kmeans++, throw=True"]
     targets = [

@@ -48,7 +48,7 @@ def _identity(combine, shape: jax.ShapeDtypeStruct) -> Array:
 def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     """``fn(x_chunk, weight_chunk, row_index)`` over row chunks of the raw
     ``x`` (and ``sample_weight``, which may be None), combined with
-    ``combine``. A ``lax.scan`` over full chunks plus one remainder chunk:
+    ``combine`` (one op, or a tuple of one op per output leaf). A ``lax.scan`` over full chunks plus one remainder chunk:
     nothing the size of ``x`` is ever materialised."""
     n_rows = x.shape[0]
     n_full, remainder = divmod(n_rows, chunk_size)
@@ -68,17 +68,32 @@ def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
             return fn(x_chunk, w_chunk, start + jnp.arange(size))
 
         def body(acc, start):
-            return jax.tree.map(combine, acc, chunk(start)), None
+            return _combine(combine, acc, chunk(start)), None
 
         out_shape = jax.eval_shape(chunk, jax.ShapeDtypeStruct((), jnp.int32))
-        initial = jax.tree.map(lambda a: _identity(combine, a), out_shape)
+        leaves, treedef = jax.tree.flatten(out_shape)
+        ops = _ops(combine, len(leaves))
+        initial = treedef.unflatten([_identity(op, a) for op, a in zip(ops, leaves)])
         starts = jnp.arange(n_full, dtype=jnp.int32) * size
         total, _ = lax.scan(body, initial, starts)
     if remainder > 0:
         start = n_full * chunk_size
         out = fn(x[start:], weights(lambda w: w[start:]), start + jnp.arange(remainder))
-        total = out if total is None else jax.tree.map(combine, total, out)
+        total = out if total is None else _combine(combine, total, out)
     return total
+
+
+def _ops(combine, n_leaves: int) -> tuple:
+    return tuple(combine) if isinstance(combine, tuple) else (combine,) * n_leaves
+
+
+def _combine(combine, a, b):
+    """Leaf-wise ``combine(a, b)``; ``combine`` is one op or one per leaf."""
+    leaves_a, treedef = jax.tree.flatten(a)
+    ops = _ops(combine, len(leaves_a))
+    return treedef.unflatten(
+        [op(u, v) for op, u, v in zip(ops, leaves_a, jax.tree.leaves(b))]
+    )
 
 
 class Data(eqx.Module):
@@ -183,35 +198,56 @@ class Data(eqx.Module):
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
+def _survey(
+    x: Float[Array, "n d"], sample_weight: Float[Array, " n"] | None, n_components: int
+) -> tuple[Int[Array, ""], Int[Array, ""], Int[Array, ""]]:
+    """One chunked pass over the input: ``(status, first finite row, first
+    finite row with positive weight)`` (a missing row is reported as N).
+
+    Chunk by chunk: a whole-array ``isfinite(x)`` would materialise an N x D
+    boolean array (160 MB for 10 million rows of 16 features).
+    """
+    n, d = x.shape
+
+    def first(mask, rows):
+        return jnp.min(jnp.where(mask, rows, n))
+
+    def chunk(x_chunk, w_chunk, rows):
+        finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+        if w_chunk is None:
+            return (jnp.sum(~finite), jnp.int32(0), first(finite, rows))
+        positive = finite & (w_chunk > 0) & jnp.isfinite(w_chunk)
+        return (
+            jnp.sum(~finite & (w_chunk != 0)),
+            jnp.sum(~jnp.isfinite(w_chunk) | (w_chunk < 0)),
+            first(finite, rows),
+            first(positive, rows),
+            jnp.sum(positive),
+        )
+
+    out = reduce_chunks(
+        x,
+        sample_weight,
+        rows_per_chunk(n, n_components, d),
+        chunk,
+        (jnp.add, jnp.add, jnp.minimum, jnp.minimum, jnp.add),
+    )
+    if sample_weight is None:
+        nonfinite, negative, first_finite = out
+        first_positive, usable = first_finite, n - nonfinite
+    else:
+        nonfinite, negative, first_finite, first_positive, usable = out
+    status = jnp.where(usable < n_components, Status.too_few_weighted_rows, 0)
+    status = jnp.where(negative > 0, Status.negative_weights, status)
+    status = jnp.where(nonfinite > 0, Status.nonfinite_input, status)
+    return status.astype(jnp.int32), first_finite, first_positive
+
+
 def data_status(
     x: Float[Array, "n d"], sample_weight: Float[Array, " n"] | None, n_components: int
 ) -> Int[Array, ""]:
-    """The first problem found in the input, as a :class:`Status` code.
-
-    Counted chunk by chunk: a whole-array ``isfinite(x)`` would materialise
-    an N x D boolean array (160 MB for 10 million rows of 16 features).
-    """
-
-    def counts(x_chunk, w_chunk, _):
-        finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
-        if w_chunk is None:
-            return jnp.sum(~finite), jnp.sum(finite), jnp.int32(0)
-        return (
-            jnp.sum(~finite & (w_chunk != 0)),
-            jnp.sum((w_chunk > 0) & finite),
-            jnp.sum(~jnp.isfinite(w_chunk) | (w_chunk < 0)),
-        )
-
-    n, d = x.shape
-    chunk = rows_per_chunk(n, n_components, d)
-    nonfinite, usable, negative = reduce_chunks(
-        x, sample_weight, chunk, counts, jnp.add
-    )
-    nonfinite, negative = nonfinite > 0, negative > 0
-    status = jnp.where(usable < n_components, Status.too_few_weighted_rows, 0)
-    status = jnp.where(negative, Status.negative_weights, status)
-    status = jnp.where(nonfinite, Status.nonfinite_input, status)
-    return status.astype(jnp.int32)
+    """The first problem found in the input, as a :class:`Status` code."""
+    return _survey(x, sample_weight, n_components)[0]
 
 
 def make_data(
@@ -226,7 +262,7 @@ def make_data(
     problem, every finite row gets unit weight so that a fit can still return
     finite parameters.
     """
-    status = data_status(x, sample_weight, n_components)
+    status, first_finite, first_positive = _survey(x, sample_weight, n_components)
     n, d = x.shape
     chunk = rows_per_chunk(n, n_components, d)
     unit = status != Status.success
@@ -234,9 +270,8 @@ def make_data(
     data = Data(x, sample_weight, zeros, zeros, unit, chunk)
     # The centre is the first usable row plus the weighted mean offset from
     # it: no cancellation, and independent of zero-weight padding.
-    first = data.reduce(
-        lambda _, w, rows: jnp.min(jnp.where(w > 0, rows, n)), jnp.minimum
-    )
+    # The first row with positive effective weight (see Data.weights).
+    first = jnp.where(unit, first_finite, first_positive)
     first = jnp.where(first < n, first, 0)
     anchor = jnp.where(jnp.isfinite(x[first]), x[first], 0.0)
     data = Data(x, sample_weight, anchor, zeros, unit, chunk)

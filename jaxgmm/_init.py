@@ -113,35 +113,35 @@ def kmeans_plusplus(
     """
     weight = data.weights(data.x, data.sample_weight)
     n_trials = 2 + int(math.log(n_clusters))
-    u0 = jax.random.uniform(jax.random.fold_in(key, 0), (1,))
-    first = _draw_indices(u0, weight)[0]
-    # weight * min(d_1, d_2) = min(weight * d_1, weight * d_2): the weighted
-    # distance to the closest centre is all the loop needs to carry.
-    closest = weight * _squared_distance(data, _row(data, first), weight)
-    indices = jnp.zeros((n_clusters,), jnp.int32).at[0].set(first)
 
+    def weighted_distance(candidate):
+        return weight * _squared_distance(data, _row(data, candidate), weight)
+
+    # weight * min(d_1, d_2) = min(weight * d_1, weight * d_2): the weighted
+    # distance to the closest centre is all the loop needs to carry. Before
+    # the first centre it is the weight itself, so the first centre is drawn
+    # with probability proportional to weight by the same code.
     def add_centre(c, carry):
         indices, closest = carry
         u = jax.random.uniform(jax.random.fold_in(key, c), (n_trials,))
-        # When every point sits on a centre already, fall back to the weights.
-        # (A cond, not a select: no N-sized mixture of the two is formed.)
-        candidates = lax.cond(
-            jnp.sum(closest) > 0,
-            lambda: _draw_indices(u, closest),
-            lambda: _draw_indices(u, weight),
-        )
-
-        def weighted_distance(candidate):
-            return weight * _squared_distance(data, _row(data, candidate), weight)
+        candidates = _draw_indices(u, closest)
+        # When every usable row already sits on a centre, any of them is one
+        # of the centres: take the first centre's row again (scikit-learn
+        # also falls back to a fixed row there).
+        candidates = jnp.where(jnp.sum(closest) > 0, candidates, indices[0])
 
         def potential(candidate):
             return jnp.sum(jnp.minimum(closest, weighted_distance(candidate)))
 
-        best = candidates[jnp.argmin(lax.map(potential, candidates))]
-        closest = jnp.minimum(closest, weighted_distance(best))
+        # The first centre is one draw; later ones the best of n_trials.
+        greedy = candidates[jnp.argmin(lax.map(potential, candidates))]
+        best = jnp.where(c == 0, candidates[0], greedy)
+        distance = weighted_distance(best)
+        closest = jnp.where(c == 0, distance, jnp.minimum(closest, distance))
         return indices.at[c].set(best), closest
 
-    indices, _ = lax.fori_loop(1, n_clusters, add_centre, (indices, closest))
+    indices = jnp.zeros((n_clusters,), jnp.int32)
+    indices, _ = lax.fori_loop(0, n_clusters, add_centre, (indices, weight))
     centres = data.centred(jax.vmap(lambda i: _row(data, i))(indices))
     return centres, indices
 

@@ -43,8 +43,11 @@ def _squared_distance(data: Data, point: Float[Array, " d"], weight) -> Array:
     return jnp.where(weight > 0, distance, 0.0)
 
 
-# Rows per block of the two-level inverse CDF in ``_draw_indices``.
+# Rows per block of the two-level inverse CDF in ``_draw_indices``, and the
+# number of rows from which it is used (below, one cumulative sum of all
+# rows is cheap, and compiles faster).
 SAMPLING_BLOCK = 4096
+TWO_LEVEL_MIN_ROWS = 1 << 22
 
 
 def _last_positive(values: Float[Array, " n"]) -> Int[Array, ""]:
@@ -70,7 +73,7 @@ def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
     """
     n = values.shape[0]
     block = SAMPLING_BLOCK
-    if n <= 2 * block:
+    if n < max(TWO_LEVEL_MIN_ROWS, 2 * block):
         return _inverse_cdf(values, u * jnp.sum(values)).astype(jnp.int32)
     n_full = n // block
     # Sliced inside a loop: slicing the first n_full * block values and

@@ -133,11 +133,14 @@ def test_permuting_or_duplicating_rows_gives_the_same_fit(data, covariance_type)
         np.testing.assert_allclose(base.log_likelihood, other.log_likelihood, rtol=1e-5)
 
 
-def test_two_level_inverse_cdf_matches_one_cumulative_sum():
+def test_two_level_inverse_cdf_matches_one_cumulative_sum(monkeypatch):
     # More than two blocks of SAMPLING_BLOCK rows plus a short last block.
     # Small integer values keep every float32 partial sum exact, so the
     # reference (one cumulative sum in float64) must agree index for index.
+    from jaxgmm import _init
     from jaxgmm._init import SAMPLING_BLOCK, _draw_indices
+
+    monkeypatch.setattr(_init, "TWO_LEVEL_MIN_ROWS", 2 * SAMPLING_BLOCK)
 
     n = 3 * SAMPLING_BLOCK + 123
     rng = np.random.default_rng(0)

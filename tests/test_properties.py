@@ -56,11 +56,24 @@ def test_fit_returns_valid_parameters_on_any_data(x, covariance_type, seed):
 
 @settings_
 @given(
-    x=arrays(np.float64, (N, D), elements=st.floats(-1e3, 1e3)), seed=st.integers(0, 99)
+    data_seed=st.integers(0, 2**32 - 1),
+    scale=st.floats(1e-2, 1e3),
+    offset=st.floats(-1e3, 1e3),
+    seed=st.integers(0, 99),
 )
-def test_float64_history_never_decreases(x, seed):
+def test_float64_history_never_decreases(data_seed, scale, offset, seed):
+    # Continuous data (no two rows equal). EM ascends the likelihood exactly
+    # only while reg_covar is negligible against every covariance: with a
+    # component collapsed onto identical rows the history can dip, and
+    # scikit-learn's dips identically (39 identical rows + 1 other, K=3, from
+    # the same start: -2.2e-3 at the second iteration), so such data are
+    # left to test_degenerate.py, which checks finiteness.
+    # reg_covar=0: with it EM is an exact ascent (no row collapses here).
+    x = np.random.default_rng(data_seed).standard_normal((N, D)) * scale + offset
     with jax.enable_x64(True):
-        result = jaxgmm.fit(jax.random.key(seed), x, K, max_iter=15, tol=0.0)
+        result = jaxgmm.fit(
+            jax.random.key(seed), x, K, max_iter=15, tol=0.0, reg_covar=0.0
+        )
         history = np.asarray(result.history)
     assert np.all(np.isfinite(history))
     assert np.all(np.diff(history) >= -1e-8 * np.maximum(1.0, np.abs(history[1:])))

@@ -41,7 +41,7 @@ def _identity(combine, shape: jax.ShapeDtypeStruct) -> Array:
         dtype = jnp.dtype(shape.dtype)
         value = jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.inf
     else:
-        raise NotImplementedError(combine)
+        raise ValueError(f"`combine` must be jnp.add or jnp.minimum, got {combine!r}")
     return jnp.full(shape.shape, value, shape.dtype)
 
 

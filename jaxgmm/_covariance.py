@@ -149,20 +149,34 @@ def _diagonal_features(x: Float[Array, "n d"]) -> Array:
     return jnp.concatenate([x, x**2], axis=-1)
 
 
+def _small_moments(
+    weighted_resp: Float[Array, "k n"],
+    diff: list[Array],
+    pairs: list[tuple[int, int]],
+):
+    """``(counts, sums, {pair: sum_n r_kn diff_i diff_j})`` for small D.
+
+    ``diff`` holds the ``(K, n)`` (or broadcastable) per-feature offsets. All
+    sums come from one variadic reduction over the rows: one pass, where
+    separate sums would each write their product out and read it back.
+    """
+    d = len(diff)
+    totals = _linalg.sums_over_rows(
+        [weighted_resp]
+        + [weighted_resp * column for column in diff]
+        + [weighted_resp * diff[i] * diff[j] for i, j in pairs]
+    )
+    sums = jnp.stack(totals[1 : d + 1], -1)
+    return totals[0], sums, dict(zip(pairs, totals[d + 1 :]))
+
+
 def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: int):
     """``(sum_n r_kn, sum_n r_kn x_n, sum_n r_kn x_n**2)`` about zero."""
     if d <= _linalg.UNROLL_MAX_DIM:
         columns = [features[:, i][None, :] for i in range(d)]
-        totals = _linalg.sums_over_rows(
-            [weighted_resp]
-            + [weighted_resp * column for column in columns]
-            + [weighted_resp * column * column for column in columns]
-        )
-        return (
-            totals[0],
-            jnp.stack(totals[1 : d + 1], -1),
-            jnp.stack(totals[d + 1 :], -1),
-        )
+        pairs = [(i, i) for i in range(d)]
+        counts, sums, squares = _small_moments(weighted_resp, columns, pairs)
+        return counts, sums, jnp.stack([squares[pair] for pair in pairs], -1)
     moments = weighted_resp @ features
     return jnp.sum(weighted_resp, axis=-1), moments[:, :d], moments[:, d:]
 
@@ -286,14 +300,8 @@ class Full(CovarianceStructure):
         if d <= _linalg.UNROLL_MAX_DIM:
             diff = _column_differences(features, shift)
             pairs = [(i, j) for i in range(d) for j in range(i, d)]
-            totals = _linalg.sums_over_rows(
-                [weighted_resp]
-                + [weighted_resp * column for column in diff]
-                + [weighted_resp * diff[i] * diff[j] for i, j in pairs]
-            )
-            sums = jnp.stack(totals[1 : d + 1], -1)
-            entries = dict(zip(pairs, totals[d + 1 :]))
-            return totals[0], sums, _linalg.stack_symmetric(entries, d)
+            counts, sums, entries = _small_moments(weighted_resp, diff, pairs)
+            return counts, sums, _linalg.stack_symmetric(entries, d)
         # The shift is zero here (see scatter_shift): one GEMM gives
         # sum_n r_kn x_n and the upper triangle of sum_n r_kn x_n x_n^T.
         moments = weighted_resp @ features.T

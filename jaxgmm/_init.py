@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._covariance import structure_for
 from ._data import Data
 from ._gmm import GMM
-from ._stats import Stats, m_step, stats_from_responsibilities
+from ._stats import Stats, m_step
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
 
@@ -244,9 +244,8 @@ def _point_gmm(structure, data: Data, indices: Int[Array, " k"], reg_covar, fall
 def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
     def chunk(xc, w, rows):
         weighted = resp_fn(xc, rows) * w[None, :]
-        counts, sums, scatter = stats_from_responsibilities(
-            structure, structure.row_features(xc), weighted, shift
-        )
+        features = structure.row_features(xc)
+        counts, sums, scatter = structure.moments(features, weighted, shift)
         return counts, sums, scatter, jnp.sum(w)
 
     counts, sums, scatter, total = data.sum(chunk)

@@ -15,7 +15,6 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._covariance import CovarianceStructure
 from ._data import Data
 from ._gmm import GMM
 
@@ -68,20 +67,6 @@ class Stats(eqx.Module):
         )
 
 
-def stats_from_responsibilities(
-    structure: type[CovarianceStructure],
-    features: Array,
-    weighted_resp: Float[Array, "k n"],
-    shift: Float[Array, "k d"],
-) -> tuple[Array, Array, Array]:
-    """``(counts, sums, scatter)`` of rows under weighted responsibilities.
-
-    ``features`` are the rows' ``structure.row_features``; responsibilities
-    are component-major, ``(K, n)``, rows innermost.
-    """
-    return structure.moments(features, weighted_resp, shift)
-
-
 def e_step_stats(gmm: GMM, data: Data) -> Stats:
     """E-step: responsibilities of every row, summed into :class:`Stats`.
 
@@ -108,9 +93,7 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         log_norm = peak + jnp.log(total)
         scale = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
         weighted = unnormalised * scale[None, :]
-        counts, sums, scatter = stats_from_responsibilities(
-            structure, features, weighted, shift
-        )
+        counts, sums, scatter = structure.moments(features, weighted, shift)
         log_likelihood = jnp.sum(jnp.where(weight > 0, weight * log_norm, 0.0))
         return counts, sums, scatter, log_likelihood, jnp.sum(weight)
 

@@ -45,42 +45,74 @@ def _identity(combine, shape: jax.ShapeDtypeStruct) -> Array:
     return jnp.full(shape.shape, value, shape.dtype)
 
 
+def _chunk_at(x, sample_weight, start, size: int):
+    """Rows ``[start, start + size)``: ``(x, sample_weight or None, row_index)``."""
+    x_chunk = lax.dynamic_slice_in_dim(x, start, size)
+    w_chunk = (
+        None
+        if sample_weight is None
+        else lax.dynamic_slice_in_dim(sample_weight, start, size)
+    )
+    return x_chunk, w_chunk, start + jnp.arange(size)
+
+
+def _chunk_starts(n_rows: int, chunk_size: int):
+    """``(starts of the full chunks, start of the remainder or None)``."""
+    n_full, remainder = divmod(n_rows, chunk_size)
+    starts = jnp.arange(n_full, dtype=jnp.int32) * chunk_size
+    return starts, (n_full * chunk_size if remainder else None)
+
+
 def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     """``fn(x_chunk, weight_chunk, row_index)`` over row chunks of the raw
     ``x`` (and ``sample_weight``, which may be None), combined with
-    ``combine`` (one op, or a tuple of one op per output leaf). A ``lax.scan`` over full chunks plus one remainder chunk:
-    nothing the size of ``x`` is ever materialised."""
+    ``combine`` (one op, or a tuple of one op per output leaf).
+
+    A ``lax.scan`` over the full chunks plus one remainder chunk: nothing the
+    size of ``x`` is ever materialised.
+    """
     n_rows = x.shape[0]
-    n_full, remainder = divmod(n_rows, chunk_size)
-
-    def weights(select):
-        return None if sample_weight is None else select(sample_weight)
-
-    if n_full == 1 and remainder == 0:
+    if chunk_size >= n_rows:
         return fn(x, sample_weight, jnp.arange(n_rows))
-    total = None
-    if n_full > 0:
-        size = chunk_size
+    starts, remainder = _chunk_starts(n_rows, chunk_size)
 
-        def chunk(start):
-            x_chunk = lax.dynamic_slice_in_dim(x, start, size)
-            w_chunk = weights(lambda w: lax.dynamic_slice_in_dim(w, start, size))
-            return fn(x_chunk, w_chunk, start + jnp.arange(size))
+    def chunk(start):
+        return fn(*_chunk_at(x, sample_weight, start, chunk_size))
 
-        def body(acc, start):
-            return _combine(combine, acc, chunk(start)), None
+    def body(acc, start):
+        return _combine(combine, acc, chunk(start)), None
 
-        out_shape = jax.eval_shape(chunk, jax.ShapeDtypeStruct((), jnp.int32))
-        leaves, treedef = jax.tree.flatten(out_shape)
-        ops = _ops(combine, len(leaves))
-        initial = treedef.unflatten([_identity(op, a) for op, a in zip(ops, leaves)])
-        starts = jnp.arange(n_full, dtype=jnp.int32) * size
-        total, _ = lax.scan(body, initial, starts)
-    if remainder > 0:
-        start = n_full * chunk_size
-        out = fn(x[start:], weights(lambda w: w[start:]), start + jnp.arange(remainder))
-        total = out if total is None else _combine(combine, total, out)
+    out_shape = jax.eval_shape(chunk, jax.ShapeDtypeStruct((), jnp.int32))
+    leaves, treedef = jax.tree.flatten(out_shape)
+    ops = _ops(combine, len(leaves))
+    initial = treedef.unflatten([_identity(op, a) for op, a in zip(ops, leaves)])
+    total, _ = lax.scan(body, initial, starts)
+    if remainder is not None:
+        size = n_rows - remainder
+        total = _combine(
+            combine, total, fn(*_chunk_at(x, sample_weight, remainder, size))
+        )
     return total
+
+
+def map_chunks(x, sample_weight, chunk_size: int, fn):
+    """Row-wise ``fn(x_chunk, weight_chunk, row_index) -> (n_chunk, ...)``
+    over the same chunks as :func:`reduce_chunks`, concatenated."""
+    n_rows = x.shape[0]
+    if chunk_size >= n_rows:
+        return fn(x, sample_weight, jnp.arange(n_rows))
+    starts, remainder = _chunk_starts(n_rows, chunk_size)
+
+    def body(_, start):
+        return None, fn(*_chunk_at(x, sample_weight, start, chunk_size))
+
+    _, stacked = lax.scan(body, None, starts)
+    out = stacked.reshape((-1,) + stacked.shape[2:])
+    if remainder is None:
+        return out
+    size = n_rows - remainder
+    tail = fn(*_chunk_at(x, sample_weight, remainder, size))
+    return jnp.concatenate([out, tail])
 
 
 def _ops(combine, n_leaves: int) -> tuple:
@@ -148,54 +180,21 @@ class Data(eqx.Module):
         """``select(sample_weight)``, or None when every row has weight 1."""
         return None if self.sample_weight is None else select(self.sample_weight)
 
-    def _slices(self):
-        """(number of full chunks, size of the remainder)."""
-        return divmod(self.n_rows, self.chunk_size)
-
-    def _chunk(self, start, size):
-        x_chunk = lax.dynamic_slice_in_dim(self.x, start, size)
-        w_chunk = self.weight_rows(lambda w: lax.dynamic_slice_in_dim(w, start, size))
-        return self.rows(x_chunk, w_chunk)
+    def _prepared_fn(self, fn):
+        """``fn(xc, weight, rows)`` as a function of raw chunks."""
+        return lambda x_chunk, w_chunk, rows: fn(*self.rows(x_chunk, w_chunk), rows)
 
     def sum(self, fn):
         """``sum over chunks of fn(xc, weight, row_index)`` for a pytree-valued fn."""
-        return self.reduce(fn, jnp.add)
-
-    def reduce(self, fn, combine):
-        """``fn(xc, weight, row_index)`` of every chunk, combined with ``combine``
-        (an associative element-wise op such as ``jnp.add`` or ``jnp.minimum``)."""
         return reduce_chunks(
-            self.x,
-            self.sample_weight,
-            self.chunk_size,
-            lambda x_chunk, w_chunk, rows: fn(*self.rows(x_chunk, w_chunk), rows),
-            combine,
+            self.x, self.sample_weight, self.chunk_size, self._prepared_fn(fn), jnp.add
         )
 
     def map(self, fn):
         """Row-wise ``fn(xc, weight, row_index) -> (n, ...)`` over chunks, concatenated."""
-        n_full, remainder = self._slices()
-        if n_full == 1 and remainder == 0:
-            xc, weight = self.rows(self.x, self.sample_weight)
-            return fn(xc, weight, jnp.arange(self.n_rows))
-        pieces = []
-        if n_full > 0:
-            size = self.chunk_size
-
-            def body(_, start):
-                xc, weight = self._chunk(start, size)
-                return None, fn(xc, weight, start + jnp.arange(size))
-
-            starts = jnp.arange(n_full, dtype=jnp.int32) * size
-            _, stacked = lax.scan(body, None, starts)
-            pieces.append(stacked.reshape((n_full * size,) + stacked.shape[2:]))
-        if remainder > 0:
-            start = n_full * self.chunk_size
-            xc, weight = self.rows(
-                self.x[start:], self.weight_rows(lambda w: w[start:])
-            )
-            pieces.append(fn(xc, weight, start + jnp.arange(remainder)))
-        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+        return map_chunks(
+            self.x, self.sample_weight, self.chunk_size, self._prepared_fn(fn)
+        )
 
 
 def _survey(

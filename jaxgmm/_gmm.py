@@ -32,6 +32,18 @@ def prepare_x(x) -> Array:
     return x
 
 
+def _last_positive(values: Float[Array, " n"]) -> Int[Array, ""]:
+    """Index of the last positive entry (0 if there is none)."""
+    return jnp.max(jnp.where(values > 0, jnp.arange(values.shape[0]), 0))
+
+
+def inverse_cdf(values: Float[Array, " n"], target: Array) -> Int[Array, "..."]:
+    """First index whose cumulative sum exceeds ``target``, never a zero entry."""
+    cumulative = jnp.cumsum(values)
+    index = jnp.searchsorted(cumulative, target, side="right")
+    return jnp.minimum(index, _last_positive(values))
+
+
 class GMM(eqx.Module):
     r"""A Gaussian mixture :math:`p(x) = \sum_k \pi_k \mathcal{N}(x | \mu_k, \Sigma_k)`.
 
@@ -236,10 +248,9 @@ class GMM(eqx.Module):
         key_labels, key_noise = jax.random.split(key)
         # Inverse CDF over the cumulative weights: O(log K) per draw, where
         # jax.random.categorical would draw K Gumbel variates per sample.
-        cumulative = jnp.cumsum(self.weights)
-        u = jax.random.uniform(key_labels, (int(n),), cumulative.dtype)
-        labels = jnp.searchsorted(cumulative, u * cumulative[-1], side="right")
-        labels = jnp.minimum(labels, self.n_components - 1).astype(jnp.int32)
+        u = jax.random.uniform(key_labels, (int(n),), self.weights.dtype)
+        labels = inverse_cdf(self.weights, u * jnp.sum(self.weights))
+        labels = labels.astype(jnp.int32)
         noise = jax.random.normal(
             key_noise, (int(n), self.n_features), self.means.dtype
         )

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._covariance import structure_for
 from ._data import Data
-from ._gmm import GMM
+from ._gmm import GMM, inverse_cdf
 from ._stats import Stats, m_step
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
@@ -50,18 +50,6 @@ SAMPLING_BLOCK = 4096
 TWO_LEVEL_MIN_ROWS = 1 << 22
 
 
-def _last_positive(values: Float[Array, " n"]) -> Int[Array, ""]:
-    """Index of the last positive entry (0 if there is none)."""
-    return jnp.max(jnp.where(values > 0, jnp.arange(values.shape[0]), 0))
-
-
-def _inverse_cdf(values: Float[Array, " n"], target: Array) -> Int[Array, "..."]:
-    """First index whose cumulative sum exceeds ``target``, never a zero entry."""
-    cumulative = jnp.cumsum(values)
-    index = jnp.searchsorted(cumulative, target, side="right")
-    return jnp.minimum(index, _last_positive(values))
-
-
 def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
     """Index ``i`` with probability ``values_i / sum(values)`` for each ``u``.
 
@@ -74,7 +62,7 @@ def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
     n = values.shape[0]
     block = SAMPLING_BLOCK
     if n < max(TWO_LEVEL_MIN_ROWS, 2 * block):
-        return _inverse_cdf(values, u * jnp.sum(values)).astype(jnp.int32)
+        return inverse_cdf(values, u * jnp.sum(values)).astype(jnp.int32)
     n_full = n // block
     # Sliced inside a loop: slicing the first n_full * block values and
     # reshaping them would copy all N of them.
@@ -88,15 +76,14 @@ def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
 
     def one(u):
         target = u * block_cumulative[-1]
-        chosen = jnp.searchsorted(block_cumulative, target, side="right")
-        chosen = jnp.minimum(chosen, _last_positive(totals))
+        chosen = inverse_cdf(totals, target)
         before = jnp.where(chosen > 0, block_cumulative[chosen - 1], 0.0)
         # The last block may be short: slice a full block ending at row n and
         # zero the rows of the previous block it overlaps.
         start = jnp.minimum(chosen * block, n - block)
         piece = lax.dynamic_slice_in_dim(values, start, block)
         piece = jnp.where(start + jnp.arange(block) >= chosen * block, piece, 0.0)
-        return start + _inverse_cdf(piece, target - before)
+        return start + inverse_cdf(piece, target - before)
 
     return jax.vmap(one)(u).astype(jnp.int32)
 

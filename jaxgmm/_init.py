@@ -123,9 +123,13 @@ def kmeans_plusplus(
         def potential(candidate):
             return jnp.sum(jnp.minimum(closest, weighted_distance(candidate)))
 
-        # The first centre is one draw; later ones the best of n_trials.
-        greedy = candidates[jnp.argmin(lax.map(potential, candidates))]
-        best = jnp.where(c == 0, candidates[0], greedy)
+        # The first centre is one draw; later ones the best of n_trials (a
+        # cond, so the first iteration skips the n_trials passes over x).
+        best = lax.cond(
+            c == 0,
+            lambda: candidates[0],
+            lambda: candidates[jnp.argmin(lax.map(potential, candidates))],
+        )
         distance = weighted_distance(best)
         closest = jnp.where(c == 0, distance, jnp.minimum(closest, distance))
         return indices.at[c].set(best), closest

@@ -29,8 +29,19 @@ MAX_CHUNK_ROWS = 4096
 def rows_per_chunk(n_rows: int, n_components: int, n_features: int) -> int:
     """Static chunk size: the whole data set when small, else a fixed budget."""
     per_row = n_components + n_features + n_features * n_features
-    budget = min(MAX_CHUNK_ROWS, max(CHUNK_ELEMENTS // per_row, 64))
-    return max(1, min(n_rows, budget))
+    return chunk_rows(n_rows, min(MAX_CHUNK_ROWS, max(CHUNK_ELEMENTS // per_row, 64)))
+
+
+def chunk_rows(n_rows: int, budget: int) -> int:
+    """At most ``budget`` rows per chunk, preferring a size that divides N:
+    that spares the separately compiled remainder chunk of every pass
+    (compile time and compile memory)."""
+    if n_rows <= budget:
+        return max(1, n_rows)
+    for size in range(budget, budget // 2, -1):
+        if n_rows % size == 0:
+            return size
+    return budget
 
 
 def _identity(combine, shape: jax.ShapeDtypeStruct) -> Array:
@@ -113,6 +124,30 @@ def map_chunks(x, sample_weight, chunk_size: int, fn):
     size = n_rows - remainder
     tail = fn(*_chunk_at(x, sample_weight, remainder, size))
     return jnp.concatenate([out, tail])
+
+
+def update_chunks(x, sample_weight, chunk_size: int, fn, out):
+    """``out[rows] = fn(x_chunk, weight_chunk, row_index, out[rows])`` over the
+    same chunks as :func:`reduce_chunks`, written into ``out`` in place.
+
+    ``out`` is ``(N, ...)``; a loop carry updated by ``dynamic_update_slice``,
+    so no second N-sized buffer is formed.
+    """
+    n_rows = x.shape[0]
+    if chunk_size >= n_rows:
+        return fn(x, sample_weight, jnp.arange(n_rows), out)
+
+    def update(out, start, size):
+        x_chunk, w_chunk, rows = _chunk_at(x, sample_weight, start, size)
+        part = lax.dynamic_slice_in_dim(out, start, size)
+        new = fn(x_chunk, w_chunk, rows, part).astype(out.dtype)
+        return lax.dynamic_update_slice_in_dim(out, new, start, 0)
+
+    starts, remainder = _chunk_starts(n_rows, chunk_size)
+    out, _ = lax.scan(lambda o, s: (update(o, s, chunk_size), None), out, starts)
+    if remainder is not None:
+        out = update(out, remainder, n_rows - remainder)
+    return out
 
 
 def _ops(combine, n_leaves: int) -> tuple:

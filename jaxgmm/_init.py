@@ -16,7 +16,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._covariance import structure_for
-from ._data import Data
+from ._data import Data, chunk_rows, reduce_chunks, update_chunks
 from ._gmm import GMM, inverse_cdf
 from ._stats import Stats, m_step
 
@@ -34,19 +34,51 @@ def _row(data: Data, index: Int[Array, ""]) -> Float[Array, " d"]:
     return jnp.where(jnp.isfinite(row), row, data.origin)
 
 
-def _squared_distance(data: Data, point: Float[Array, " d"], weight) -> Array:
-    """Squared distance of every usable row to ``point`` (0 for unusable rows).
+def _weighted_distance(
+    data: Data, point: Float[Array, " d"], x_chunk, weight_chunk
+) -> Array:
+    """Row weight times squared distance to ``point`` (0 for unusable rows),
+    for raw stored rows and their given weights (``weight_chunk`` may be None).
 
-    Stored coordinates, fused by XLA into its consumers: no centred copy of x.
+    One fused pass: no centred copy of the rows, and the row weights come
+    with it (a row is finite exactly when its distance is).
     """
-    distance = jnp.sum((data.x - point) ** 2, axis=-1)
-    return jnp.where(weight > 0, distance, 0.0)
+    distance = jnp.sum((x_chunk - point) ** 2, axis=-1)
+    finite = jnp.isfinite(distance)
+    weight = data.weights(x_chunk, weight_chunk, finite)
+    return jnp.where(finite & (weight > 0), weight * distance, 0.0)
+
+
+def _potential(data: Data, closest, point, chunk_size: int) -> Array:
+    r"""k-means++ potential of adding ``point``:
+    :math:`\sum_n \min(\text{closest}_n, w_n |x_n - \text{point}|^2)`,
+    one chunked pass (no N-sized temporary)."""
+
+    def partial(x_chunk, w_chunk, rows):
+        part = lax.dynamic_slice_in_dim(closest, rows[0], rows.shape[0])
+        distance = _weighted_distance(data, point, x_chunk, w_chunk)
+        return jnp.sum(jnp.minimum(part, distance))
+
+    return reduce_chunks(data.x, data.sample_weight, chunk_size, partial, jnp.add)
+
+
+def _closer(data: Data, closest, point, chunk_size: int, first) -> Array:
+    """``closest`` lowered to the weighted distance to ``point`` (replaced by
+    it when ``first``), updated in place chunk by chunk."""
+
+    def update(x_chunk, w_chunk, rows, part):
+        distance = _weighted_distance(data, point, x_chunk, w_chunk)
+        return jnp.where(first, distance, jnp.minimum(part, distance))
+
+    return update_chunks(data.x, data.sample_weight, chunk_size, update, closest)
 
 
 # Rows per block of the two-level inverse CDF in ``_draw_indices``, and the
 # number of rows from which it is used (below, one cumulative sum of all
 # rows is cheap, and compiles faster).
 SAMPLING_BLOCK = 4096
+# Elements of x per chunk in k-means++'s passes over the rows.
+SEEDING_CHUNK_ELEMENTS = 1 << 20
 TWO_LEVEL_MIN_ROWS = 1 << 22
 
 
@@ -97,15 +129,17 @@ def kmeans_plusplus(
     Each new centre is the best of ``2 + log(k)`` candidates drawn with
     probability proportional to weight times squared distance.
 
-    Memory: two per-row vectors (the weights and the weighted distance to
-    the closest centre so far); distances to candidates are fused into
-    their reductions, never stored.
+    Memory: one per-row vector, the weighted distance to the closest centre
+    so far; weights and distances to candidates are fused into the passes
+    that use them, never stored.
     """
-    weight = data.weights(data.x, data.sample_weight)
     n_trials = 2 + int(math.log(n_clusters))
-
-    def weighted_distance(candidate):
-        return weight * _squared_distance(data, _row(data, candidate), weight)
+    # Passes over the rows go chunk by chunk, so that no distance vector is
+    # ever stored: XLA would materialise each one before its reduction. A
+    # chunk holds one value per row, so chunks are larger than EM's.
+    chunk_size = chunk_rows(
+        data.n_rows, max(SEEDING_CHUNK_ELEMENTS // data.x.shape[1], 64)
+    )
 
     # weight * min(d_1, d_2) = min(weight * d_1, weight * d_2): the weighted
     # distance to the closest centre is all the loop needs to carry. Before
@@ -121,7 +155,7 @@ def kmeans_plusplus(
         candidates = jnp.where(jnp.sum(closest) > 0, candidates, indices[0])
 
         def potential(candidate):
-            return jnp.sum(jnp.minimum(closest, weighted_distance(candidate)))
+            return _potential(data, closest, _row(data, candidate), chunk_size)
 
         # The first centre is one draw; later ones the best of n_trials (a
         # cond, so the first iteration skips the n_trials passes over x).
@@ -130,11 +164,11 @@ def kmeans_plusplus(
             lambda: candidates[0],
             lambda: candidates[jnp.argmin(lax.map(potential, candidates))],
         )
-        distance = weighted_distance(best)
-        closest = jnp.where(c == 0, distance, jnp.minimum(closest, distance))
+        closest = _closer(data, closest, _row(data, best), chunk_size, c == 0)
         return indices.at[c].set(best), closest
 
     indices = jnp.zeros((n_clusters,), jnp.int32)
+    weight = data.weights(data.x, data.sample_weight)
     indices, _ = lax.fori_loop(0, n_clusters, add_centre, (indices, weight))
     centres = data.centred(jax.vmap(lambda i: _row(data, i))(indices))
     return centres, indices

@@ -1,0 +1,96 @@
+"""Chunked passes over the rows: chunk sizes, in-place updates, and k-means++
+giving the same seeds whether its passes run in one chunk or many."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgmm import _init
+from jaxgmm._data import chunk_rows, make_data, update_chunks
+
+N = 10_001  # 73 * 137: no chunk size in (budget / 2, budget] divides it
+
+
+def test_chunk_rows_prefers_a_divisor_of_the_row_count():
+    assert chunk_rows(10_000_000, 4096) == 4000  # 2500 chunks, no remainder
+    assert chunk_rows(N, 4096) == 4096  # no divisor in range: a remainder
+    assert chunk_rows(300, 4096) == 300  # small data: one chunk
+    assert chunk_rows(0, 4096) == 1
+
+
+def test_update_chunks_writes_every_row_once_including_the_remainder():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 3)).astype(np.float32)
+    w = rng.uniform(size=N).astype(np.float32)
+    out = rng.uniform(size=N).astype(np.float32)
+
+    def fn(x_chunk, w_chunk, rows, part):
+        return jnp.minimum(part, w_chunk * jnp.sum(x_chunk**2, -1)) + rows
+
+    got = jax.jit(lambda x, w, o: update_chunks(x, w, 1000, fn, o))(x, w, out)
+    expected = np.minimum(out, w * (x**2).sum(-1)) + np.arange(N)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def weighted_data():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=5.0, size=(4, 2))
+    x = centres[rng.integers(0, 4, N)] + rng.normal(size=(N, 2))
+    weight = rng.uniform(0.0, 2.0, N)
+    weight[rng.uniform(size=N) < 0.2] = 0.0
+    return jnp.asarray(x, jnp.float32), jnp.asarray(weight, jnp.float32)
+
+
+def seeds(x, weight, key):
+    data, _ = make_data(x, weight, 5)
+    return _init.kmeans_plusplus(key, data, 5)
+
+
+def test_kmeans_plusplus_seeds_do_not_depend_on_the_chunking(
+    weighted_data, monkeypatch
+):
+    x, weight = weighted_data
+    keys = [jax.random.key(i) for i in range(3)]
+    whole = [jax.jit(seeds)(x, weight, key) for key in keys]
+    # 2 features: chunks of 1000 rows, the last of 1 row.
+    monkeypatch.setattr(_init, "SEEDING_CHUNK_ELEMENTS", 2 * 1000)
+    chunked = [jax.jit(seeds)(x, weight, key) for key in keys]
+    for (centres_a, indices_a), (centres_b, indices_b) in zip(whole, chunked):
+        np.testing.assert_array_equal(indices_a, indices_b)
+        np.testing.assert_array_equal(centres_a, centres_b)
+        assert np.all(np.asarray(weight)[np.asarray(indices_a)] > 0)
+
+
+@pytest.mark.parametrize("chunk_size", [1000, N])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_kmeans_plusplus_passes_match_numpy(weighted_data, chunk_size, weighted):
+    # The potential of a candidate and the updated closest distances, chunk
+    # by chunk (last chunk of 1 row) and in one piece, against float64 numpy.
+    # Unweighted, one row is NaN: it must count as absent (distance 0).
+    x, weight = weighted_data
+    if not weighted:
+        x, weight = x.at[17].set(jnp.nan), None
+    data, _ = make_data(x, weight, 5)
+    xs = np.asarray(x, np.float64)
+    w = np.ones(N) if weight is None else np.asarray(weight, np.float64)
+    w[~np.isfinite(xs).all(1)] = 0.0
+    closest = np.random.default_rng(2).uniform(0.0, 20.0, N)
+    point = xs[3]
+
+    distance = w * np.where(w > 0, ((np.nan_to_num(xs) - point) ** 2).sum(1), 0.0)
+    potential = jax.jit(_init._potential, static_argnums=3)(
+        data, jnp.asarray(closest, jnp.float32), jnp.asarray(point, jnp.float32),
+        chunk_size,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        potential, np.minimum(closest, distance).sum(), rtol=1e-5
+    )
+    closer = jax.jit(_init._closer, static_argnums=3)
+    for first, expected in ((False, np.minimum(closest, distance)), (True, distance)):
+        got = closer(
+            data, jnp.asarray(closest, jnp.float32), jnp.asarray(point, jnp.float32),
+            chunk_size, first,
+        )  # fmt: skip
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

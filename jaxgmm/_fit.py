@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._covariance import structure_for
 from ._data import Data, data_status, make_data
-from ._gmm import GMM, is_concrete, prepare_x
+from ._gmm import GMM, as_array, is_concrete, prepare_x
 from ._init import check_init, initial_gmm
 from ._stats import em_iteration
 from ._status import MESSAGES, Status
@@ -55,7 +55,7 @@ def prepare_weight(sample_weight, x: Array) -> Array | None:
     """Checked weights; None stays None (unit weights, never materialised)."""
     if sample_weight is None:
         return None
-    sample_weight = jnp.asarray(sample_weight).astype(x.dtype)
+    sample_weight = as_array(sample_weight, x.dtype)
     if sample_weight.shape != (x.shape[0],):
         raise ValueError(
             f"`sample_weight` must have shape ({x.shape[0]},) to match `x`, "
@@ -98,9 +98,13 @@ _status_jit = jax.jit(data_status, static_argnums=2)
 
 
 def raise_for_bad_data(x: Array, sample_weight: Array, n_components: int) -> None:
-    """Eagerly (outside ``jit``) turn a bad-data status into a ``ValueError``."""
+    """Turn a bad-data status into a ``ValueError`` whenever the data are
+    concrete: called eagerly, or closed over (a constant) inside a ``jit``."""
     if is_concrete(x, sample_weight):
-        status = int(_status_jit(x, sample_weight, n_components))
+        # Evaluated now even while an outer jit is tracing: the data are
+        # constants there, and the answer must be a Python int.
+        with jax.ensure_compile_time_eval():
+            status = int(_status_jit(x, sample_weight, n_components))
         if status != Status.success:
             raise ValueError(Status(status).message)
 

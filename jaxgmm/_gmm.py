@@ -18,9 +18,19 @@ def is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
 
 
+def as_array(value, dtype=None) -> Array:
+    """``jnp.asarray(value, dtype)``, kept concrete when ``value`` is not a
+    tracer (inside a ``jit`` trace, a closed-over numpy array would otherwise
+    become a tracer and escape the eager checks)."""
+    if isinstance(value, jax.core.Tracer):
+        return jnp.asarray(value, dtype)
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(value, dtype)
+
+
 def prepare_x(x) -> Array:
     """``x`` as a non-empty 2-D float array; ``ValueError`` naming ``x``."""
-    x = jnp.asarray(x)
+    x = as_array(x)
     if x.ndim != 2:
         raise ValueError(f"`x` must be a 2-D array (N, D), got shape {x.shape}")
     if x.shape[0] == 0 or x.shape[1] == 0:
@@ -28,7 +38,7 @@ def prepare_x(x) -> Array:
             f"`x` must have at least one row and one column, got {x.shape}"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
+        x = as_array(x, jnp.result_type(float))
     return x
 
 

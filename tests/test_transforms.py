@@ -29,6 +29,27 @@ def test_jit_of_fit_equals_eager_fit(eager):
     assert_trees_close(eager, jitted)
 
 
+def test_data_closed_over_by_jit_equals_eager(eager):
+    # Closed-over data are constants inside the trace: the eager input check
+    # still runs (and raises ValueError), and the answers are the eager ones.
+    fit = jax.jit(lambda key: jaxgmm.fit(key, X, 3, max_iter=30))
+    assert_trees_close(eager, fit(jax.random.key(0)))
+    batch = jax.jit(jax.vmap(lambda key: jaxgmm.fit(key, X, 3, max_iter=30)))(
+        jax.random.split(jax.random.key(0), 2)
+    )
+    assert_trees_close(eager.gmm, jax.tree.map(lambda a: a[0], batch.gmm))
+    step = jax.jit(lambda g: jaxgmm.em_step(g, X))(eager.gmm)
+    assert_trees_close(step, jaxgmm.em_step(eager.gmm, X))
+    centres = jax.jit(lambda key: jaxgmm.kmeans(key, X, 3)[0])(jax.random.key(2))
+    np.testing.assert_allclose(
+        centres, jaxgmm.kmeans(jax.random.key(2), X, 3)[0], rtol=1e-5, atol=1e-5
+    )
+    bad = X.copy()
+    bad[4, 1] = np.nan
+    with pytest.raises(ValueError, match="`x`"):
+        jax.jit(lambda key: jaxgmm.fit(key, bad, 3, max_iter=30))(jax.random.key(0))
+
+
 def test_vmap_over_keys_data_and_weights_equals_separate_fits():
     xs = np.stack([X, X[::-1] * 2.0, X + 3.0])
     weights = np.ones((3, len(X)), np.float32)

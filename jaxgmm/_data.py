@@ -234,9 +234,10 @@ class Data(eqx.Module):
 
 def _survey(
     x: Float[Array, "n d"], sample_weight: Float[Array, " n"] | None, n_components: int
-) -> tuple[Int[Array, ""], Int[Array, ""], Int[Array, ""]]:
-    """One chunked pass over the input: ``(status, first finite row, first
-    finite row with positive weight)`` (a missing row is reported as N).
+) -> tuple[Int[Array, ""], Bool[Array, ""], Int[Array, ""], Int[Array, ""]]:
+    """One chunked pass over the input: ``(status, too few usable rows, first
+    finite row, first finite row with positive weight)`` (a missing row is
+    reported as N). Usable rows are finite with a finite positive weight.
 
     Chunk by chunk: a whole-array ``isfinite(x)`` would materialise an N x D
     boolean array (160 MB for 10 million rows of 16 features).
@@ -271,10 +272,11 @@ def _survey(
         first_positive, usable = first_finite, n - nonfinite
     else:
         nonfinite, negative, first_finite, first_positive, usable = out
-    status = jnp.where(usable < n_components, Status.too_few_weighted_rows, 0)
+    too_few = usable < n_components
+    status = jnp.where(too_few, Status.too_few_weighted_rows, 0)
     status = jnp.where(negative > 0, Status.negative_weights, status)
     status = jnp.where(nonfinite > 0, Status.nonfinite_input, status)
-    return status.astype(jnp.int32), first_finite, first_positive
+    return status.astype(jnp.int32), too_few, first_finite, first_positive
 
 
 def data_status(
@@ -292,14 +294,15 @@ def make_data(
     """Wrap checked input: ``(data, status)``.
 
     Finds the first problem with the input (:func:`data_status`), masks bad
-    rows, picks the centre and the chunk size. When the status reports a
-    problem, every finite row gets unit weight so that a fit can still return
-    finite parameters.
+    rows, picks the centre and the chunk size. Whatever the status, the rows
+    used are the usable ones (finite, with a finite positive weight) with
+    their weights; only when fewer than ``n_components`` rows are usable does
+    every finite row get unit weight, so that a fit can still return finite
+    parameters.
     """
-    status, first_finite, first_positive = _survey(x, sample_weight, n_components)
+    status, unit, first_finite, first_positive = _survey(x, sample_weight, n_components)
     n, d = x.shape
     chunk = rows_per_chunk(n, n_components, d)
-    unit = status != Status.success
     zeros = jnp.zeros((d,), x.dtype)
     data = Data(x, sample_weight, zeros, zeros, unit, chunk)
     # The centre is the first usable row plus the weighted mean offset from

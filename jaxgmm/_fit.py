@@ -168,7 +168,6 @@ def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition)
         "max_iter",
         "init",
         "n_init",
-        "throw",
     ),
 )
 def _fit(
@@ -185,10 +184,9 @@ def _fit(
     max_iter,
     init,
     n_init,
-    throw,
 ):
-    # Bad data are masked inside make_data; the error (with throw) is attached
-    # to the small outputs, since attaching it to x would copy all the data.
+    # Bad data are masked inside make_data; the status reports them (fit turns
+    # it into an error with throw=True).
     data, status = make_data(x, sample_weight, n_components)
 
     def run(key):
@@ -216,9 +214,26 @@ def _fit(
     status = jnp.where(
         (status == Status.success) & ~finite, Status.nonfinite_parameters, status
     ).astype(jnp.int32)
-    result = FitResult(gmm, log_likelihood, n_iter, converged, history, status)
-    # Every output leaf carries the check, so using any of them raises.
-    return _error_if_bad(result, status) if throw else result
+    # Parameters that overflowed (data near the float limit, say) are replaced
+    # by a harmless finite mixture, so that a batch never carries NaN or inf.
+    gmm = jax.tree.map(
+        lambda a, b: jnp.where(finite, a, b), gmm, _placeholder_gmm(gmm, data)
+    )
+    return FitResult(gmm, log_likelihood, n_iter, converged, history, status)
+
+
+def _placeholder_gmm(like: GMM, data) -> GMM:
+    """Equal weights, every mean at the data centre (0 if that is not finite),
+    unit covariances: the parameters reported when a fit did not give finite
+    ones."""
+    k, d, dtype = like.n_components, like.n_features, like.means.dtype
+    centre = jnp.where(jnp.isfinite(data.centre), data.centre, 0.0)
+    return GMM.from_precisions_cholesky(
+        jnp.full((k,), 1.0 / k, dtype),
+        jnp.broadcast_to(centre, (k, d)).astype(dtype),
+        like.structure.identity(k, d, dtype),
+        like.covariance_type,
+    )
 
 
 # Elements (rows * K * D) per block when a batch of fits is vmapped: a block's
@@ -311,9 +326,14 @@ def fit(
         init_gmm: start from these parameters instead (a warm start).
         sample_weight: ``(N,)`` non-negative row weights; 0 means the row is
             absent, so zero-weight padding gives the same fit.
-        throw: if True, bad input raises (``ValueError`` eagerly, an equinox
-            runtime error under ``jit``); if False it is reported in
-            ``result.status`` and the parameters are still finite.
+        throw: if True, bad input, or a fit whose parameters are not finite,
+            raises (``ValueError`` eagerly, an equinox runtime error under
+            ``jit``); if False it is reported in ``result.status`` and the
+            parameters are still finite: fitted to the usable rows (finite,
+            with a finite positive weight) with their weights, to every finite
+            row with unit weight when fewer than ``n_components`` rows are
+            usable, and replaced by equal weights, means at the data centre
+            and unit covariances if the fit itself did not give finite ones.
 
     Returns:
         A :class:`FitResult`.
@@ -361,9 +381,8 @@ def fit(
         max_iter=max_iter,
         init=init,
         n_init=n_init,
-        throw=bool(throw),
     )
-    return run(
+    result = run(
         key,
         x,
         sample_weight,
@@ -372,6 +391,18 @@ def fit(
         jnp.asarray(reg_covar, x.dtype),
         None if max_condition is None else jnp.asarray(max_condition, x.dtype),
     )
+    if not throw:
+        return result
+    if is_concrete(result):
+        # Run eagerly: a problem found only by the fit itself (parameters
+        # that are not finite) raises ValueError like bad input does.
+        status = int(result.status)
+        if status != Status.success:
+            raise ValueError(Status(status).message)
+        return result
+    # Traced: every output leaf carries the check, so using any of them
+    # raises (an equinox runtime error).
+    return _error_if_bad(result, result.status)
 
 
 @partial(jax.jit, static_argnames=("n_steps",))

@@ -119,10 +119,14 @@ def m_step(
     diagonal, and with ``max_condition`` each covariance's eigenvalues are
     raised to at least ``largest / max_condition``.
 
-    A component whose weight has fallen to (almost) zero, or whose new
-    covariance is not positive definite, keeps its mean and covariance from
-    ``previous``; its weight becomes (almost) zero, so it stays harmless
-    and can regain data in later iterations. No NaN is produced either way.
+    A component whose weight has fallen to (almost) zero keeps its mean and
+    covariance from ``previous``; its weight becomes (almost) zero
+    (``10 * eps`` relative), so it stays harmless and can regain data in
+    later iterations. A component whose new covariance has no finite
+    Cholesky factor (not positive definite) keeps its previous covariance
+    but takes its new mean and weight. With ``tied`` covariances the shared
+    matrix is kept only if every component is kept or it is not positive
+    definite. No NaN is produced either way.
     """
     structure = previous.structure
     dtype = stats.counts.dtype

@@ -9,9 +9,12 @@ class Status(enum.IntEnum):
     """Outcome of a fit, stored as an int32 in ``result.status``.
 
     ``Status.success`` is 0. Every other member names a problem with the
-    input; with ``throw=False`` the fit still returns finite parameters
-    (fitted to the usable rows, or to all finite rows with unit weight when
-    too few are usable) so that one bad data set never spoils a batch.
+    input or the fit; with ``throw=False`` the fit still returns finite
+    parameters (fitted to the usable rows with their weights, or to all
+    finite rows with unit weight when too few are usable; equal weights,
+    means at the data centre and unit covariances when the fit's own
+    parameters are not finite) so that one bad data set never spoils a
+    batch.
     """
 
     success = 0

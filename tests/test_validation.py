@@ -162,3 +162,38 @@ def test_status_is_counted_over_every_chunk():
     few = np.zeros(n, np.float32)
     few[[1, 9000]] = 1.0
     assert int(status(x, few, 3)) == Status.too_few_weighted_rows
+
+
+def test_throw_false_fits_the_usable_rows_with_their_weights():
+    # A NaN row or a negative weight is reported, but the fit is the one of
+    # the usable rows with their weights: zero-weight padding far away stays
+    # absent, the NaN row and the negative weight count as weight 0.
+    without_row_7 = np.ones(len(X), np.float32)
+    without_row_7[7] = 0.0
+    expected = jaxgmm.fit(jax.random.key(1), X, 3, sample_weight=without_row_7)
+    padded = np.concatenate([with_nan(X), np.full((20, 2), 50.0, np.float32)])
+    weight = np.r_[np.ones(len(X)), np.zeros(20)].astype(np.float32)
+    result = jaxgmm.fit(jax.random.key(1), padded, 3, sample_weight=weight, throw=False)
+    assert int(result.status) == Status.nonfinite_input
+    negative = without_row_7.copy()
+    negative[7] = -1.0
+    clamped = jaxgmm.fit(jax.random.key(1), X, 3, sample_weight=negative, throw=False)
+    assert int(clamped.status) == Status.negative_weights
+    for fitted in (result, clamped):
+        np.testing.assert_allclose(
+            fitted.gmm.means, expected.gmm.means, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_overflowing_fit_reports_nonfinite_parameters():
+    # Finite data whose squares overflow float32: the fit cannot give finite
+    # parameters. Eagerly that is a ValueError; with throw=False, a finite
+    # placeholder mixture and the status.
+    huge = X * np.float32(3e37)
+    with pytest.raises(ValueError, match="not finite"):
+        jaxgmm.fit(jax.random.key(1), huge, 3, max_iter=5)
+    result = jaxgmm.fit(jax.random.key(1), huge, 3, max_iter=5, throw=False)
+    assert int(result.status) == Status.nonfinite_parameters
+    for leaf in jax.tree.leaves(result.gmm):
+        assert np.all(np.isfinite(leaf))
+    np.testing.assert_allclose(result.gmm.weights, np.full(3, 1 / 3), rtol=1e-6)

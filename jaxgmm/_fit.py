@@ -109,7 +109,7 @@ def raise_for_bad_data(x: Array, sample_weight: Array, n_components: int) -> Non
             raise ValueError(Status(status).message)
 
 
-def _error_if_bad(x: Array, status: Array) -> Array:
+def error_if_bad(x: Array, status: Array) -> Array:
     return eqx.branched_error_if(x, status != Status.success, status, MESSAGES)
 
 
@@ -402,7 +402,7 @@ def fit(
         return result
     # Traced: every output leaf carries the check, so using any of them
     # raises (an equinox runtime error).
-    return _error_if_bad(result, result.status)
+    return error_if_bad(result, result.status)
 
 
 @partial(jax.jit, static_argnames=("n_steps",))
@@ -415,7 +415,7 @@ def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
     gmm, log_likelihoods = lax.scan(
         step, shift_means(gmm, -data.centre), None, length=n_steps
     )
-    return _error_if_bad((shift_means(gmm, data.centre), log_likelihoods), status)
+    return error_if_bad((shift_means(gmm, data.centre), log_likelihoods), status)
 
 
 def _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition):

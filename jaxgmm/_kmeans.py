@@ -8,17 +8,22 @@ import jax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._data import make_data
-from ._fit import check_positive_int, prepare_weight, raise_for_bad_data
-from ._gmm import prepare_x
+from ._fit import (
+    check_positive_int,
+    error_if_bad,
+    prepare_weight,
+    raise_for_bad_data,
+)
+from ._gmm import is_concrete, prepare_x
 from ._init import kmeans_labels, kmeans_plusplus, lloyd
 
 
 @partial(jax.jit, static_argnames=("n_clusters", "max_iter"))
 def _kmeans(key, x, sample_weight, *, n_clusters, max_iter):
-    data, _ = make_data(x, sample_weight, n_clusters)
+    data, status = make_data(x, sample_weight, n_clusters)
     seeds, _ = kmeans_plusplus(key, data, n_clusters)
     centres, _ = lloyd(data, seeds, max_iter)
-    return centres + data.centre, kmeans_labels(data, centres)
+    return (centres + data.centre, kmeans_labels(data, centres)), status
 
 
 def kmeans(
@@ -35,7 +40,9 @@ def kmeans(
     k-means++ (scikit-learn's), Lloyd's iterations run in a
     ``lax.while_loop`` until the total squared centre shift is at most
     ``1e-4`` times the mean feature variance, or ``max_iter``. An empty
-    cluster keeps its centre. jit- and vmap-able.
+    cluster keeps its centre. jit- and vmap-able. Bad input (NaN or inf
+    rows, negative weights, fewer usable rows than clusters) raises
+    ``ValueError`` eagerly and an equinox runtime error under ``jit``.
 
     Returns:
         ``(centers (K, D), labels (N,))`` with int32 labels.
@@ -48,4 +55,8 @@ def kmeans(
     x = prepare_x(x)
     sample_weight = prepare_weight(sample_weight, x)
     raise_for_bad_data(x, sample_weight, n_clusters)
-    return _kmeans(key, x, sample_weight, n_clusters=n_clusters, max_iter=max_iter)
+    out, status = _kmeans(
+        key, x, sample_weight, n_clusters=n_clusters, max_iter=max_iter
+    )
+    # Bad data that only a trace sees (x traced under jit) raise at run time.
+    return out if is_concrete(status) else error_if_bad(out, status)

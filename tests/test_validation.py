@@ -197,3 +197,10 @@ def test_overflowing_fit_reports_nonfinite_parameters():
     for leaf in jax.tree.leaves(result.gmm):
         assert np.all(np.isfinite(leaf))
     np.testing.assert_allclose(result.gmm.weights, np.full(3, 1 / 3), rtol=1e-6)
+
+
+def test_kmeans_under_jit_raises_at_run_time_on_bad_data():
+    kmeans = jax.jit(lambda x: jaxgmm.kmeans(jax.random.key(1), x, 3)[0])
+    assert np.all(np.isfinite(kmeans(X)))
+    with pytest.raises(Exception, match="NaN or infinite"):
+        jax.block_until_ready(kmeans(with_inf(X)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import equinox as eqx
 import jax
@@ -211,7 +212,7 @@ class GMM(eqx.Module):
             >>> gmm.component_log_prob(x).shape  # doctest: +SKIP
             (N, K)
         """
-        return self.joint_log_prob(self._check_x(x)).T
+        return _component_log_prob(self, self._check_x(x))
 
     def log_prob(self, x: Float[Array, "n d"]) -> Float[Array, " n"]:
         r"""``(N,)`` log density :math:`\log p(x_n)`, by log-sum-exp over components.
@@ -220,26 +221,25 @@ class GMM(eqx.Module):
             >>> gmm.log_prob(x).shape  # doctest: +SKIP
             (N,)
         """
-        return jax.nn.logsumexp(self.component_log_prob(x), axis=-1)
+        return _log_prob(self, self._check_x(x))
 
     def responsibilities(self, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
         r"""``(N, K)`` posterior :math:`p(z_n = k | x_n)`; rows sum to one.
 
         Computed in log space, so far-off points still get a valid row.
         """
-        return jax.nn.softmax(self.component_log_prob(x), axis=-1)
+        return _responsibilities(self, self._check_x(x))
 
     def predict(self, x: Float[Array, "n d"]) -> Int[Array, " n"]:
         """``(N,)`` int32 index of the most responsible component per row."""
-        return jnp.argmax(self.component_log_prob(x), axis=-1).astype(jnp.int32)
+        return _predict(self, self._check_x(x))
 
     def score(self, x: Float[Array, "n d"]) -> Float[Array, "n d"]:
         r"""``(N, D)`` gradient of the log density with respect to each row.
 
         :math:`\nabla_x \log p(x) = -\sum_k r_k(x)\, \Sigma_k^{-1} (x - \mu_k)`.
         """
-        x = self._check_x(x)
-        return jax.grad(lambda rows: jnp.sum(self.log_prob(rows)))(x)
+        return _score(self, self._check_x(x))
 
     def sample(
         self, key: PRNGKeyArray, n: int
@@ -255,6 +255,9 @@ class GMM(eqx.Module):
         """
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"`n` must be a non-negative int, got {n!r}")
+        return _sample(self, key, int(n))
+
+    def _draw(self, key: PRNGKeyArray, n: int):
         key_labels, key_noise = jax.random.split(key)
         # Inverse CDF over the cumulative weights: O(log K) per draw, where
         # jax.random.categorical would draw K Gumbel variates per sample.
@@ -275,6 +278,40 @@ class GMM(eqx.Module):
                 f"`x` has {x.shape[1]} features but the mixture has {self.n_features}"
             )
         return x
+
+
+# The public density methods run as one compiled function each (cached per
+# shape): op by op, their first call on a new shape took about a second.
+
+
+@jax.jit
+def _component_log_prob(gmm: GMM, x: Array) -> Array:
+    return gmm.joint_log_prob(x).T
+
+
+@jax.jit
+def _log_prob(gmm: GMM, x: Array) -> Array:
+    return jax.nn.logsumexp(gmm.joint_log_prob(x), axis=0)
+
+
+@jax.jit
+def _responsibilities(gmm: GMM, x: Array) -> Array:
+    return jax.nn.softmax(gmm.joint_log_prob(x), axis=0).T
+
+
+@jax.jit
+def _predict(gmm: GMM, x: Array) -> Array:
+    return jnp.argmax(gmm.joint_log_prob(x), axis=0).astype(jnp.int32)
+
+
+@jax.jit
+def _score(gmm: GMM, x: Array) -> Array:
+    return jax.grad(lambda rows: jnp.sum(_log_prob(gmm, rows)))(x)
+
+
+@partial(jax.jit, static_argnums=2)
+def _sample(gmm: GMM, key: PRNGKeyArray, n: int):
+    return gmm._draw(key, n)
 
 
 def _check_parameters(

@@ -610,7 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="number of samples to draw (required)",
     )
-    sample.add_argument("--seed", type=int, default=0, metavar="S", help=_SEED_HELP)
+    sample.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="integer seed of the random draws (default: %(default)s)",
+    )
     sample.set_defaults(run=run_sample)
 
     select = commands.add_parser(

@@ -74,6 +74,33 @@ def _chunk_starts(n_rows: int, chunk_size: int):
     return starts, (n_full * chunk_size if remainder else None)
 
 
+def _scan_chunks(x, sample_weight, chunk_size: int, step, carry):
+    """The one loop over row chunks behind the passes below.
+
+    ``step(carry, x_chunk, weight_chunk, row_index, start) -> (carry, out)``
+    runs as a ``lax.scan`` over the full chunks, then once on the remainder
+    (or once on everything when one chunk holds all rows). Returns
+    ``(carry, stacked outs of the full chunks or None, out of the last call)``.
+    """
+    n_rows = x.shape[0]
+    if chunk_size >= n_rows:
+        carry, out = step(carry, x, sample_weight, jnp.arange(n_rows), 0)
+        return carry, None, out
+    starts, remainder = _chunk_starts(n_rows, chunk_size)
+    carry, stacked = lax.scan(
+        lambda c, start: step(
+            c, *_chunk_at(x, sample_weight, start, chunk_size), start
+        ),
+        carry,
+        starts,
+    )
+    if remainder is None:
+        return carry, stacked, None
+    size = n_rows - remainder
+    carry, tail = step(carry, *_chunk_at(x, sample_weight, remainder, size), remainder)
+    return carry, stacked, tail
+
+
 def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     """``fn(x_chunk, weight_chunk, row_index)`` over row chunks of the raw
     ``x`` (and ``sample_weight``, which may be None), combined with
@@ -82,48 +109,37 @@ def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     A ``lax.scan`` over the full chunks plus one remainder chunk: nothing the
     size of ``x`` is ever materialised.
     """
-    n_rows = x.shape[0]
-    if chunk_size >= n_rows:
-        return fn(x, sample_weight, jnp.arange(n_rows))
-    starts, remainder = _chunk_starts(n_rows, chunk_size)
-
-    def chunk(start):
-        return fn(*_chunk_at(x, sample_weight, start, chunk_size))
-
-    def body(acc, start):
-        return _combine(combine, acc, chunk(start)), None
-
-    out_shape = jax.eval_shape(chunk, jax.ShapeDtypeStruct((), jnp.int32))
+    size = min(chunk_size, x.shape[0])
+    out_shape = jax.eval_shape(
+        fn,
+        jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype),
+        None
+        if sample_weight is None
+        else jax.ShapeDtypeStruct((size,), sample_weight.dtype),
+        jax.ShapeDtypeStruct((size,), jnp.int32),
+    )
     leaves, treedef = jax.tree.flatten(out_shape)
     ops = _ops(combine, len(leaves))
     initial = treedef.unflatten([_identity(op, a) for op, a in zip(ops, leaves)])
-    total, _ = lax.scan(body, initial, starts)
-    if remainder is not None:
-        size = n_rows - remainder
-        total = _combine(
-            combine, total, fn(*_chunk_at(x, sample_weight, remainder, size))
-        )
-    return total
+
+    def step(total, x_chunk, w_chunk, rows, _):
+        return _combine(combine, total, fn(x_chunk, w_chunk, rows)), None
+
+    return _scan_chunks(x, sample_weight, chunk_size, step, initial)[0]
 
 
 def map_chunks(x, sample_weight, chunk_size: int, fn):
     """Row-wise ``fn(x_chunk, weight_chunk, row_index) -> (n_chunk, ...)``
     over the same chunks as :func:`reduce_chunks`, concatenated."""
-    n_rows = x.shape[0]
-    if chunk_size >= n_rows:
-        return fn(x, sample_weight, jnp.arange(n_rows))
-    starts, remainder = _chunk_starts(n_rows, chunk_size)
 
-    def body(_, start):
-        return None, fn(*_chunk_at(x, sample_weight, start, chunk_size))
+    def step(_, x_chunk, w_chunk, rows, __):
+        return None, fn(x_chunk, w_chunk, rows)
 
-    _, stacked = lax.scan(body, None, starts)
+    _, stacked, tail = _scan_chunks(x, sample_weight, chunk_size, step, None)
+    if stacked is None:
+        return tail
     out = stacked.reshape((-1,) + stacked.shape[2:])
-    if remainder is None:
-        return out
-    size = n_rows - remainder
-    tail = fn(*_chunk_at(x, sample_weight, remainder, size))
-    return jnp.concatenate([out, tail])
+    return out if tail is None else jnp.concatenate([out, tail])
 
 
 def update_chunks(x, sample_weight, chunk_size: int, fn, out):
@@ -133,21 +149,13 @@ def update_chunks(x, sample_weight, chunk_size: int, fn, out):
     ``out`` is ``(N, ...)``; a loop carry updated by ``dynamic_update_slice``,
     so no second N-sized buffer is formed.
     """
-    n_rows = x.shape[0]
-    if chunk_size >= n_rows:
-        return fn(x, sample_weight, jnp.arange(n_rows), out)
 
-    def update(out, start, size):
-        x_chunk, w_chunk, rows = _chunk_at(x, sample_weight, start, size)
-        part = lax.dynamic_slice_in_dim(out, start, size)
+    def step(out, x_chunk, w_chunk, rows, start):
+        part = lax.dynamic_slice_in_dim(out, start, x_chunk.shape[0])
         new = fn(x_chunk, w_chunk, rows, part).astype(out.dtype)
-        return lax.dynamic_update_slice_in_dim(out, new, start, 0)
+        return lax.dynamic_update_slice_in_dim(out, new, start, 0), None
 
-    starts, remainder = _chunk_starts(n_rows, chunk_size)
-    out, _ = lax.scan(lambda o, s: (update(o, s, chunk_size), None), out, starts)
-    if remainder is not None:
-        out = update(out, remainder, n_rows - remainder)
-    return out
+    return _scan_chunks(x, sample_weight, chunk_size, step, out)[0]
 
 
 def _ops(combine, n_leaves: int) -> tuple:

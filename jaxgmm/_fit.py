@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._covariance import structure_for
 from ._data import Data, data_status, make_data
-from ._gmm import GMM, as_array, is_concrete, prepare_x
+from ._gmm import GMM, as_array, is_concrete, isotropic_gmm, prepare_x
 from ._init import check_init, initial_gmm
 from ._stats import em_iteration
 from ._status import MESSAGES, Status
@@ -226,14 +226,9 @@ def _placeholder_gmm(like: GMM, data) -> GMM:
     """Equal weights, every mean at the data centre (0 if that is not finite),
     unit covariances: the parameters reported when a fit did not give finite
     ones."""
-    k, d, dtype = like.n_components, like.n_features, like.means.dtype
     centre = jnp.where(jnp.isfinite(data.centre), data.centre, 0.0)
-    return GMM.from_precisions_cholesky(
-        jnp.full((k,), 1.0 / k, dtype),
-        jnp.broadcast_to(centre, (k, d)).astype(dtype),
-        like.structure.identity(k, d, dtype),
-        like.covariance_type,
-    )
+    means = jnp.broadcast_to(centre, like.means.shape).astype(like.means.dtype)
+    return isotropic_gmm(means, 1.0, like.covariance_type)
 
 
 # Elements (rows * K * D) per block when a batch of fits is vmapped: a block's

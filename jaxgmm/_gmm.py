@@ -314,6 +314,18 @@ def _sample(gmm: GMM, key: PRNGKeyArray, n: int):
     return gmm._draw(key, n)
 
 
+def isotropic_gmm(means: Array, scale, covariance_type: str) -> GMM:
+    """Equal weights, the given ``(K, D)`` means and covariances ``scale**2``
+    times the identity: the neutral mixture fits fall back on."""
+    k, d = means.shape
+    return GMM.from_precisions_cholesky(
+        jnp.full((k,), 1.0 / k, means.dtype),
+        means,
+        structure_for(covariance_type).identity(k, d, means.dtype) / scale,
+        covariance_type,
+    )
+
+
 def _check_parameters(
     structure, weights, means, covariances, covariance_name: str = "covariances"
 ):

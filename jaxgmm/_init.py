@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._covariance import structure_for
 from ._data import Data, chunk_rows, reduce_chunks, update_chunks
-from ._gmm import GMM, inverse_cdf
+from ._gmm import GMM, inverse_cdf, isotropic_gmm
 from ._stats import Stats, m_step
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
@@ -302,12 +302,7 @@ def initial_gmm(
     # to the data centre with an isotropic covariance of the data's scale.
     scale = jnp.sqrt(jnp.mean(data.variance) + reg_covar)
     scale = jnp.where(scale > 0, scale, 1.0)
-    whole_data = GMM.from_precisions_cholesky(
-        jnp.full((k,), 1.0 / k, dtype),
-        jnp.zeros((k, d), dtype),
-        structure.identity(k, d, dtype) / scale,
-        covariance_type,
-    )
+    whole_data = isotropic_gmm(jnp.zeros((k, d), dtype), scale, covariance_type)
 
     if init == "kmeans++":
         _, indices = kmeans_plusplus(key, data, k)

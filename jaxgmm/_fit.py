@@ -109,8 +109,16 @@ def raise_for_bad_data(x: Array, sample_weight: Array, n_components: int) -> Non
             raise ValueError(Status(status).message)
 
 
-def error_if_bad(x: Array, status: Array) -> Array:
-    return eqx.branched_error_if(x, status != Status.success, status, MESSAGES)
+def check_status(out, status: Array):
+    """``out``, unless ``status`` reports a problem: then, when the status is
+    known (an eager call), ``ValueError``; under a trace, an equinox error
+    attached to every leaf of ``out``, raised when any of them is used."""
+    if is_concrete(status):
+        status = int(status)
+        if status != Status.success:
+            raise ValueError(Status(status).message)
+        return out
+    return eqx.branched_error_if(out, status != Status.success, status, MESSAGES)
 
 
 # -- EM ------------------------------------------------------------------------
@@ -386,18 +394,9 @@ def fit(
         jnp.asarray(reg_covar, x.dtype),
         None if max_condition is None else jnp.asarray(max_condition, x.dtype),
     )
-    if not throw:
-        return result
-    if is_concrete(result):
-        # Run eagerly: a problem found only by the fit itself (parameters
-        # that are not finite) raises ValueError like bad input does.
-        status = int(result.status)
-        if status != Status.success:
-            raise ValueError(Status(status).message)
-        return result
-    # Traced: every output leaf carries the check, so using any of them
-    # raises (an equinox runtime error).
-    return error_if_bad(result, result.status)
+    # Eagerly, a problem only the fit finds (parameters that are not finite)
+    # raises ValueError like bad input does.
+    return check_status(result, result.status) if throw else result
 
 
 @partial(jax.jit, static_argnames=("n_steps",))
@@ -410,7 +409,7 @@ def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
     gmm, log_likelihoods = lax.scan(
         step, shift_means(gmm, -data.centre), None, length=n_steps
     )
-    return error_if_bad((shift_means(gmm, data.centre), log_likelihoods), status)
+    return (shift_means(gmm, data.centre), log_likelihoods), status
 
 
 def _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition):
@@ -448,7 +447,8 @@ def em_step(
         >>> new_gmm, log_likelihood = jaxgmm.em_step(gmm, x)  # doctest: +SKIP
     """
     args = _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition)
-    new_gmm, log_likelihoods = _em_steps(*args, n_steps=1)
+    out, status = _em_steps(*args, n_steps=1)
+    new_gmm, log_likelihoods = check_status(out, status)
     return new_gmm, log_likelihoods[0]
 
 
@@ -474,5 +474,5 @@ def em_steps(
     """
     n_steps = check_positive_int("n_steps", n_steps, minimum=0)
     args = _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition)
-    new_gmm, _ = _em_steps(*args, n_steps=n_steps)
-    return new_gmm
+    out, status = _em_steps(*args, n_steps=n_steps)
+    return check_status(out, status)[0]

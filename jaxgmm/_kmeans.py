@@ -10,11 +10,11 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._data import make_data
 from ._fit import (
     check_positive_int,
-    error_if_bad,
+    check_status,
     prepare_weight,
     raise_for_bad_data,
 )
-from ._gmm import is_concrete, prepare_x
+from ._gmm import prepare_x
 from ._init import kmeans_labels, kmeans_plusplus, lloyd
 
 
@@ -59,4 +59,4 @@ def kmeans(
         key, x, sample_weight, n_clusters=n_clusters, max_iter=max_iter
     )
     # Bad data that only a trace sees (x traced under jit) raise at run time.
-    return out if is_concrete(status) else error_if_bad(out, status)
+    return check_status(out, status)

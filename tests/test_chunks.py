@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgmm import _init
+from jaxgmm import _covariance, _init, _linalg
 from jaxgmm._data import chunk_rows, make_data, update_chunks
 
 N = 10_001  # 73 * 137: no chunk size in (budget / 2, budget] divides it
@@ -31,6 +31,30 @@ def test_update_chunks_writes_every_row_once_including_the_remainder():
     got = jax.jit(lambda x, w, o: update_chunks(x, w, 1000, fn, o))(x, w, out)
     expected = np.minimum(out, w * (x**2).sum(-1)) + np.arange(N)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [7, 16, 199, 200, 1003])
+def test_sums_over_rows_matches_float64_sums(n):
+    # 7: one plain pass; 16 and 200: one step of the tree; 199: a 7-row tail;
+    # 1003 = 8 * 125 + 3: a tail, then two steps (125 >= ROW_SPLIT_AGAIN_MIN).
+    rng = np.random.default_rng(n)
+    terms = [rng.normal(loc=3.0, size=(5, 3, n)).astype(np.float32) for _ in range(3)]
+    got = jax.jit(_linalg.sums_over_rows)(terms)
+    assert len(got) == 3
+    for g, t in zip(got, terms):
+        assert g.shape == (5, 3) and g.dtype == np.float32
+        expected = t.astype(np.float64).sum(-1)
+        np.testing.assert_allclose(
+            g, expected, rtol=0, atol=2e-6 * np.abs(t).sum(-1).max()
+        )
+
+
+def test_columns_are_the_exact_transpose():
+    # The identity product behind the small-D features must not round.
+    # (Subnormals are flushed to zero, as everywhere in XLA's CPU code.)
+    x = np.random.default_rng(2).normal(size=(37, 3)).astype(np.float32) * 1e5
+    x[3] = [2e-38, -3.4e38, 0.0]
+    np.testing.assert_array_equal(jax.jit(_covariance._columns)(x), x.T)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import jax
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -68,12 +68,19 @@ def test_float64_history_never_decreases(data_seed, scale, offset, seed):
     # scikit-learn's dips identically (39 identical rows + 1 other, K=3, from
     # the same start: -2.2e-3 at the second iteration), so such data are
     # left to test_degenerate.py, which checks finiteness.
-    # reg_covar=0: with it EM is an exact ascent (no row collapses here).
+    # reg_covar=0: with it EM is an exact ascent while no component collapses.
     x = np.random.default_rng(data_seed).standard_normal((N, D)) * scale + offset
     with jax.enable_x64(True):
         result = jaxgmm.fit(
             jax.random.key(seed), x, K, max_iter=15, tol=0.0, reg_covar=0.0
         )
         history = np.asarray(result.history)
+        eigenvalues = np.linalg.eigvalsh(np.asarray(result.gmm.covariances))
     assert np.all(np.isfinite(history))
+    # A component can still collapse onto two rows (a line in 2-D): its
+    # covariance is then singular up to the faint pull of the other rows
+    # (condition ~3e9 for data_seed=13, seed=13), scikit-learn stops with
+    # "ill-defined empirical covariance", and the likelihood, unbounded, is
+    # at the mercy of rounding. Such fits are degenerate too.
+    assume(np.all(eigenvalues[:, 0] > 1e-8 * eigenvalues[:, -1]))
     assert np.all(np.diff(history) >= -1e-8 * np.maximum(1.0, np.abs(history[1:])))

@@ -134,8 +134,10 @@ def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition)
         new, log_likelihood = em_iteration(gmm, data, reg_covar, max_condition)
         active = ~converged & (iteration < max_iter)
         gmm = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, gmm)
-        history = history.at[iteration].set(
-            jnp.where(active, log_likelihood, history[iteration])
+        # A select rather than a scatter: under vmap the iteration differs
+        # between fits, and the scatter cost a copy of the batch's history.
+        history = jnp.where(
+            active & (jnp.arange(max_iter) == iteration), log_likelihood, history
         )
         converged = converged | (active & (jnp.abs(log_likelihood - previous) < tol))
         previous = jnp.where(active, log_likelihood, previous)

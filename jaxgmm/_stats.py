@@ -67,6 +67,24 @@ class Stats(eqx.Module):
         )
 
 
+# Up to this many components the per-row maximum is taken elementwise.
+ELEMENTWISE_MAX_COMPONENTS = 3
+
+
+def _max_over_components(log_prob: Float[Array, "k n"]) -> Float[Array, " n"]:
+    """``max(log_prob, axis=0)``. For K <= 3 as elementwise maxima, which XLA
+    fuses with the log-densities instead of writing them out for a separate
+    reduction: ~5% faster EM for K=2 and 3 (10,000 vmapped fits, and N=1e6
+    with D=2); from K=4 on recomputing the log-densities costs more
+    (K=4: 6% slower, K=8: 40%)."""
+    if log_prob.shape[0] > ELEMENTWISE_MAX_COMPONENTS:
+        return jnp.max(log_prob, axis=0)
+    peak = log_prob[0]
+    for row in log_prob[1:]:
+        peak = jnp.maximum(peak, row)
+    return peak
+
+
 def e_step_stats(gmm: GMM, data: Data) -> Stats:
     """E-step: responsibilities of every row, summed into :class:`Stats`.
 
@@ -81,7 +99,7 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         log_prob = gmm.joint_log_prob_from_features(features)
         # One exp per (component, row) serves both the log-sum-exp and the
         # responsibilities.
-        peak = jnp.max(log_prob, axis=0)
+        peak = _max_over_components(log_prob)
         peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
         # Responsibilities below eps**2 of a row's largest change no statistic
         # at this precision; flushing them to exact zero keeps denormal floats

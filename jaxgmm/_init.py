@@ -158,11 +158,13 @@ def kmeans_plusplus(
             return _potential(data, closest, _row(data, candidate), chunk_size)
 
         # The first centre is one draw; later ones the best of n_trials (a
-        # cond, so the first iteration skips the n_trials passes over x).
+        # cond, so the first iteration skips the pass over x). The trials
+        # are vmapped: one pass over the rows scores them all, and it
+        # compiles faster than a loop over them.
         best = lax.cond(
             c == 0,
             lambda: candidates[0],
-            lambda: candidates[jnp.argmin(lax.map(potential, candidates))],
+            lambda: candidates[jnp.argmin(jax.vmap(potential)(candidates))],
         )
         closest = _closer(data, closest, _row(data, best), chunk_size, c == 0)
         return indices.at[c].set(best), closest

@@ -30,7 +30,7 @@ def run_large(
     n: int,
     d: int,
     k: int,
-    target_ratio: float,
+    target_ratio: float | None,
     quick_sizes: tuple[int, int, int],
 ) -> None:
     c.prepare_process()
@@ -213,7 +213,11 @@ def run_large(
         sklearn_gflops=c.gflops(flops, sk_iter),
         agreement_max_loglik_diff=ll_diff,
     )
-    targets = [c.check_target(f"{benchmark} per-iteration ratio", ratio, target_ratio)]
+    targets = (
+        []
+        if target_ratio is None
+        else [c.check_target(f"{benchmark} per-iteration ratio", ratio, target_ratio)]
+    )
     summary = [
         {"metric": "ratio per iteration", "value": ratio, "unit": "x"},
         {"metric": "jaxgmm s/iteration", "value": jax_iter, "unit": "s"},

@@ -37,6 +37,7 @@ BENCHMARKS = [
     "bench_many",
     "bench_large_full",
     "bench_large_diag",
+    "bench_large_small_d",
     "memory_10m",
 ]
 

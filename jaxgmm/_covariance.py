@@ -141,7 +141,9 @@ def _columns(x: Float[Array, "n d"]) -> Float[Array, "d n"]:
     into a buffer of its own. Inside a chunk loop that keeps the chunk's
     dynamic slice out of the elementwise passes that read the columns: XLA's
     CPU code reloads a dynamic slice's start index for every element, which
-    stops those loops from vectorising (2-3x slower E-steps for D=2).
+    stops those loops from vectorising (2-3x slower E-steps for D=2). Without
+    a loop the passes still read contiguous rows instead of every D-th
+    value: 10,000 vmapped fits are 9% faster than with a fused ``x.T``.
     """
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
     return jnp.einsum("de,ne->dn", eye, x, precision=lax.Precision.HIGHEST)

@@ -72,11 +72,12 @@ ELEMENTWISE_MAX_COMPONENTS = 3
 
 
 def _max_over_components(log_prob: Float[Array, "k n"]) -> Float[Array, " n"]:
-    """``max(log_prob, axis=0)``. For K <= 3 as elementwise maxima, which XLA
-    fuses with the log-densities instead of writing them out for a separate
-    reduction: ~5% faster EM for K=2 and 3 (10,000 vmapped fits, and N=1e6
-    with D=2); from K=4 on recomputing the log-densities costs more
-    (K=4: 6% slower, K=8: 40%)."""
+    """``max(log_prob, axis=0)``. For K <= 3 as (at most two) elementwise
+    maxima, which XLA fuses with the log-densities instead of writing them
+    out for a separate reduction: ~5% faster EM for K=2 and 3 (10,000 vmapped
+    fits, and N=1e6 with D=2). From K=4 on, one reduction: the fused form
+    recomputes the log-densities, which then costs more (K=4: 6% slower,
+    K=8: 40%)."""
     if log_prob.shape[0] > ELEMENTWISE_MAX_COMPONENTS:
         return jnp.max(log_prob, axis=0)
     peak = log_prob[0]

@@ -278,7 +278,7 @@ class Full(CovarianceStructure):
     @staticmethod
     def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
         diagonal = jnp.diagonal(precisions_cholesky, axis1=-2, axis2=-1)
-        return jnp.sum(jnp.log(diagonal), axis=-1)
+        return _linalg.sum_last(jnp.log(diagonal))
 
     @staticmethod
     def row_features(x):
@@ -484,7 +484,7 @@ class Diag(CovarianceStructure):
 
     @staticmethod
     def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
-        return jnp.sum(jnp.log(precisions_cholesky), axis=-1)
+        return _linalg.sum_last(jnp.log(precisions_cholesky))
 
     @staticmethod
     def row_features(x):

@@ -158,6 +158,19 @@ def matmul(a: Float[Array, "... m k"], b: Float[Array, "... k n"]) -> Array:
     return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
 
+def sum_last(values: Float[Array, "... d"]) -> Float[Array, "..."]:
+    """``values.sum(-1)``; over a short last axis as elementwise adds, which
+    vectorise across the other (batch) axes, where XLA sums a minor axis one
+    element at a time (the log-determinants of a vmapped batch of small
+    mixtures: ~4% of their EM time)."""
+    if values.shape[-1] > UNROLL_MAX_DIM:
+        return jnp.sum(values, axis=-1)
+    total = values[..., 0]
+    for i in range(1, values.shape[-1]):
+        total = total + values[..., i]
+    return total
+
+
 def transpose(a: Array) -> Array:
     return jnp.swapaxes(a, -1, -2)
 

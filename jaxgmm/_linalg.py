@@ -158,17 +158,29 @@ def matmul(a: Float[Array, "... m k"], b: Float[Array, "... k n"]) -> Array:
     return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
 
+def elementwise_reduce(op, values: Array, axis: int) -> Array:
+    """``op`` (add, maximum, ...) folded over a short ``axis`` as elementwise
+    operations on its slices: XLA fuses them with their producers and
+    vectorises across the remaining axes, where a reduction of a minor axis
+    runs one element at a time. For a handful of slices only: the trace
+    grows with the axis length."""
+    slices = [
+        lax.index_in_dim(values, i, axis, keepdims=False)
+        for i in range(values.shape[axis])
+    ]
+    result = slices[0]
+    for piece in slices[1:]:
+        result = op(result, piece)
+    return result
+
+
 def sum_last(values: Float[Array, "... d"]) -> Float[Array, "..."]:
-    """``values.sum(-1)``; over a short last axis as elementwise adds, which
-    vectorise across the other (batch) axes, where XLA sums a minor axis one
-    element at a time (the log-determinants of a vmapped batch of small
-    mixtures: ~4% of their EM time)."""
+    """``values.sum(-1)``, elementwise over a last axis of at most
+    ``UNROLL_MAX_DIM`` (the log-determinants of a vmapped batch of small
+    mixtures: ~4% of their EM time as a reduction)."""
     if values.shape[-1] > UNROLL_MAX_DIM:
         return jnp.sum(values, axis=-1)
-    total = values[..., 0]
-    for i in range(1, values.shape[-1]):
-        total = total + values[..., i]
-    return total
+    return elementwise_reduce(jnp.add, values, -1)
 
 
 def transpose(a: Array) -> Array:

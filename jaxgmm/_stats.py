@@ -15,6 +15,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from . import _linalg
 from ._data import Data
 from ._gmm import GMM
 
@@ -80,10 +81,7 @@ def _max_over_components(log_prob: Float[Array, "k n"]) -> Float[Array, " n"]:
     K=8: 40%)."""
     if log_prob.shape[0] > ELEMENTWISE_MAX_COMPONENTS:
         return jnp.max(log_prob, axis=0)
-    peak = log_prob[0]
-    for row in log_prob[1:]:
-        peak = jnp.maximum(peak, row)
-    return peak
+    return _linalg.elementwise_reduce(jnp.maximum, log_prob, 0)
 
 
 def e_step_stats(gmm: GMM, data: Data) -> Stats:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxgmm
 from jaxgmm import _covariance, _init, _linalg
 from jaxgmm._data import chunk_rows, make_data, update_chunks
 
@@ -118,3 +119,37 @@ def test_kmeans_plusplus_passes_match_numpy(weighted_data, chunk_size, weighted)
             chunk_size, first,
         )  # fmt: skip
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def many_features():
+    # 10,001 rows of 6 features: 2 chunks of 4096 plus a remainder, and the
+    # matrix-product (D > 4) form of the E- and M-steps.
+    rng = np.random.default_rng(3)
+    centres = rng.normal(scale=4.0, size=(3, 6))
+    x = centres[rng.integers(0, 3, N)] + rng.normal(size=(N, 6))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+def test_non_finite_rows_in_every_chunk_count_as_absent(many_features, covariance_type):
+    # With throw=False a row holding NaN or inf, in the first chunk, the
+    # second or the remainder, is fitted as a row of weight 0.
+    from jaxgmm._data import rows_per_chunk
+
+    assert rows_per_chunk(N, 3, 6) == 4096
+    bad_rows = [5, 5000, 10_000]
+    x = many_features.copy()
+    x[bad_rows[0], 2] = np.nan
+    x[bad_rows[1], 0] = np.inf
+    x[bad_rows[2], 5] = -np.inf
+    weight = np.ones(N, np.float32)
+    weight[bad_rows] = 0.0
+    key = jax.random.key(4)
+    kwargs = dict(covariance_type=covariance_type, max_iter=5, tol=0.0)
+    got = jaxgmm.fit(key, x, 3, throw=False, **kwargs)
+    expected = jaxgmm.fit(key, many_features, 3, sample_weight=weight, **kwargs)
+    assert int(got.status) == jaxgmm.Status.nonfinite_input
+    for a, b in zip(jax.tree.leaves(got.gmm), jax.tree.leaves(expected.gmm)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.history, expected.history, rtol=1e-6)

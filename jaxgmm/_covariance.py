@@ -163,7 +163,7 @@ def _diagonal_features(x: Float[Array, "n d"]) -> Array:
     """Columns ``(D, n)`` for small D, else ``[x, x**2]`` (one GEMM per step)."""
     if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
         return _columns(x)
-    return jnp.concatenate([x, x**2], axis=-1)
+    return x, x * x
 
 
 def _small_moments(
@@ -194,8 +194,8 @@ def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: in
         pairs = [(i, i) for i in range(d)]
         counts, sums, squares = _small_moments(weighted_resp, columns, pairs)
         return counts, sums, jnp.stack([squares[pair] for pair in pairs], -1)
-    moments = weighted_resp @ features
-    return jnp.sum(weighted_resp, axis=-1), moments[:, :d], moments[:, d:]
+    x, squares = features
+    return jnp.sum(weighted_resp, axis=-1), weighted_resp @ x, weighted_resp @ squares
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):
@@ -501,9 +501,13 @@ class Diag(CovarianceStructure):
         # Expanded into matrix products (sklearn's form); x is already centred
         # on the data, so the cancellation stays small.
         precisions = precisions_cholesky**2
-        coefficients = jnp.concatenate([-2.0 * means * precisions, precisions], -1)
+        x, squares = features
         constant = jnp.sum(means**2 * precisions, axis=-1)
-        return coefficients @ features.T + constant[:, None]
+        return (
+            (-2.0 * means * precisions) @ x.T
+            + precisions @ squares.T
+            + constant[:, None]
+        )
 
     @staticmethod
     def moments(features, weighted_resp, shift):
@@ -588,10 +592,11 @@ class Spherical(CovarianceStructure):
         if d <= _linalg.UNROLL_MAX_DIM:
             diff = _column_differences(features, means)
             return precisions * sum(column * column for column in diff)
+        x, squares = features
         squared_distance = (
             jnp.sum(means**2, axis=-1)[:, None]
-            - 2.0 * means @ features[:, :d].T
-            + jnp.sum(features[:, d:], axis=-1)[None, :]
+            - 2.0 * means @ x.T
+            + jnp.sum(squares, axis=-1)[None, :]
         )
         return squared_distance * precisions
 

@@ -195,7 +195,8 @@ def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: in
         counts, sums, squares = _small_moments(weighted_resp, columns, pairs)
         return counts, sums, jnp.stack([squares[pair] for pair in pairs], -1)
     x, squares = features
-    return jnp.sum(weighted_resp, axis=-1), weighted_resp @ x, weighted_resp @ squares
+    counts = _linalg.row_sums(weighted_resp)
+    return counts, weighted_resp @ x, weighted_resp @ squares
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):
@@ -322,7 +323,7 @@ class Full(CovarianceStructure):
         # The shift is zero here (see scatter_shift): one GEMM gives
         # sum_n r_kn x_n and the upper triangle of sum_n r_kn x_n x_n^T.
         moments = weighted_resp @ features.T
-        counts = jnp.sum(weighted_resp, axis=-1)
+        counts = _linalg.row_sums(weighted_resp)
         return counts, moments[:, :d], _linalg.symmetric_from_upper(moments[:, d:], d)
 
     @staticmethod

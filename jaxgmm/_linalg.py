@@ -183,6 +183,17 @@ def sum_last(values: Float[Array, "... d"]) -> Float[Array, "..."]:
     return elementwise_reduce(jnp.add, values, -1)
 
 
+def row_sums(a: Float[Array, "k n"]) -> Float[Array, " k"]:
+    """``a.sum(-1)`` over a long minor axis, as a matrix-vector product.
+
+    XLA's CPU code reduces a minor axis one element at a time; the product
+    runs as a vectorised kernel (the counts of a 4,000-row chunk of 32
+    components: ~4% of a large diag EM iteration as a reduction).
+    """
+    ones = jnp.ones((a.shape[-1], 1), a.dtype)
+    return (a @ ones)[..., 0]
+
+
 def transpose(a: Array) -> Array:
     return jnp.swapaxes(a, -1, -2)
 

@@ -322,8 +322,14 @@ def make_data(
     n, d = x.shape
     chunk = rows_per_chunk(n, n_components, d)
     zeros = jnp.zeros((d,), x.dtype)
-    finite = map_chunks(
-        x, None, chunk, lambda x_chunk, _, __: jnp.all(jnp.isfinite(x_chunk), -1)
+    # Written in place into one N-sized buffer (map_chunks would stack the
+    # chunks and then concatenate: two more N-sized temporaries).
+    finite = update_chunks(
+        x,
+        None,
+        chunk,
+        lambda x_chunk, _, __, ___: jnp.all(jnp.isfinite(x_chunk), -1),
+        jnp.zeros((n,), bool),
     )
     # The centre is the first usable row plus the weighted mean offset from
     # it: no cancellation, and independent of zero-weight padding.

@@ -67,9 +67,9 @@ class CovarianceStructure:
         differences (up to ``UNROLL_MAX_DIM`` features); otherwise what the
         matrix products need (the pair ``(x, x**2)``, each ``(n, D)``, for
         diag and spherical: two products each instead of a concatenated copy;
-        the quadratic features as ``(p, n)`` for full and tied). The E-step computes them once per chunk and passes them to
-        both: XLA does not reliably merge two computations of them inside
-        loops.
+        the quadratic features as ``(p, n)`` for full and tied). The E-step
+        computes them once per chunk and passes them to both: XLA does not
+        reliably merge two computations of them inside loops.
         """
         ...
 

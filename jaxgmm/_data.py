@@ -101,6 +101,25 @@ def _scan_chunks(x, sample_weight, chunk_size: int, step, carry):
     return carry, stacked, tail
 
 
+def _partial_shapes(fn, x, sample_weight, chunk_size: int):
+    """Abstract output of ``fn`` on one chunk."""
+    size = min(chunk_size, x.shape[0])
+    return jax.eval_shape(
+        fn,
+        jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype),
+        None
+        if sample_weight is None
+        else jax.ShapeDtypeStruct((size,), sample_weight.dtype),
+        jax.ShapeDtypeStruct((size,), jnp.int32),
+    )
+
+
+def _identities(combine, out_shape):
+    leaves, treedef = jax.tree.flatten(out_shape)
+    ops = _ops(combine, len(leaves))
+    return treedef.unflatten([_identity(op, a) for op, a in zip(ops, leaves)])
+
+
 def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     """``fn(x_chunk, weight_chunk, row_index)`` over row chunks of the raw
     ``x`` (and ``sample_weight``, which may be None), combined with
@@ -109,23 +128,32 @@ def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     A ``lax.scan`` over the full chunks plus one remainder chunk: nothing the
     size of ``x`` is ever materialised.
     """
-    size = min(chunk_size, x.shape[0])
-    out_shape = jax.eval_shape(
-        fn,
-        jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype),
-        None
-        if sample_weight is None
-        else jax.ShapeDtypeStruct((size,), sample_weight.dtype),
-        jax.ShapeDtypeStruct((size,), jnp.int32),
-    )
-    leaves, treedef = jax.tree.flatten(out_shape)
-    ops = _ops(combine, len(leaves))
-    initial = treedef.unflatten([_identity(op, a) for op, a in zip(ops, leaves)])
+    initial = _identities(combine, _partial_shapes(fn, x, sample_weight, chunk_size))
 
     def step(total, x_chunk, w_chunk, rows, _):
         return _combine(combine, total, fn(x_chunk, w_chunk, rows)), None
 
     return _scan_chunks(x, sample_weight, chunk_size, step, initial)[0]
+
+
+def reduce_update_chunks(x, sample_weight, chunk_size: int, fn, combine, out):
+    """:func:`reduce_chunks` and :func:`update_chunks` in one pass.
+
+    ``fn(x_chunk, weight_chunk, row_index) -> (partial, rows_out)``: the
+    partials are combined as in :func:`reduce_chunks`, ``rows_out`` is
+    written into the ``(N, ...)`` buffer ``out`` in place. Returns
+    ``(combined, out)``.
+    """
+    partial_shape = _partial_shapes(lambda *a: fn(*a)[0], x, sample_weight, chunk_size)
+
+    def step(carry, x_chunk, w_chunk, rows, start):
+        total, out = carry
+        partial, new = fn(x_chunk, w_chunk, rows)
+        out = lax.dynamic_update_slice_in_dim(out, new.astype(out.dtype), start, 0)
+        return (_combine(combine, total, partial), out), None
+
+    carry = (_identities(combine, partial_shape), out)
+    return _scan_chunks(x, sample_weight, chunk_size, step, carry)[0]
 
 
 def map_chunks(x, sample_weight, chunk_size: int, fn):
@@ -251,14 +279,19 @@ class Data(eqx.Module):
 
 
 def _survey(
-    x: Float[Array, "n d"], sample_weight: Float[Array, " n"] | None, n_components: int
-) -> tuple[Int[Array, ""], Bool[Array, ""], Int[Array, ""], Int[Array, ""]]:
+    x: Float[Array, "n d"],
+    sample_weight: Float[Array, " n"] | None,
+    n_components: int,
+    chunk_size: int,
+):
     """One chunked pass over the input: ``(status, too few usable rows, first
-    finite row, first finite row with positive weight)`` (a missing row is
-    reported as N). Usable rows are finite with a finite positive weight.
+    finite row, first finite row with positive weight, finite rows)`` (a
+    missing row is reported as N; ``finite rows`` is the ``(N,)`` mask).
+    Usable rows are finite with a finite positive weight.
 
     Chunk by chunk: a whole-array ``isfinite(x)`` would materialise an N x D
-    boolean array (160 MB for 10 million rows of 16 features).
+    boolean array (160 MB for 10 million rows of 16 features). The row mask
+    is written in place into one N-sized buffer.
     """
     n, d = x.shape
 
@@ -268,7 +301,7 @@ def _survey(
     def chunk(x_chunk, w_chunk, rows):
         finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
         if w_chunk is None:
-            return (jnp.sum(~finite), jnp.int32(0), first(finite, rows))
+            return (jnp.sum(~finite), jnp.int32(0), first(finite, rows)), finite
         positive = finite & (w_chunk > 0) & jnp.isfinite(w_chunk)
         return (
             jnp.sum(~finite & (w_chunk != 0)),
@@ -276,14 +309,15 @@ def _survey(
             first(finite, rows),
             first(positive, rows),
             jnp.sum(positive),
-        )
+        ), finite
 
-    out = reduce_chunks(
+    out, finite_rows = reduce_update_chunks(
         x,
         sample_weight,
-        rows_per_chunk(n, n_components, d),
+        chunk_size,
         chunk,
         (jnp.add, jnp.add, jnp.minimum, jnp.minimum, jnp.add),
+        jnp.zeros((n,), bool),
     )
     if sample_weight is None:
         nonfinite, negative, first_finite = out
@@ -294,14 +328,15 @@ def _survey(
     status = jnp.where(too_few, Status.too_few_weighted_rows, 0)
     status = jnp.where(negative > 0, Status.negative_weights, status)
     status = jnp.where(nonfinite > 0, Status.nonfinite_input, status)
-    return status.astype(jnp.int32), too_few, first_finite, first_positive
+    return status.astype(jnp.int32), too_few, first_finite, first_positive, finite_rows
 
 
 def data_status(
     x: Float[Array, "n d"], sample_weight: Float[Array, " n"] | None, n_components: int
 ) -> Int[Array, ""]:
     """The first problem found in the input, as a :class:`Status` code."""
-    return _survey(x, sample_weight, n_components)[0]
+    chunk = rows_per_chunk(x.shape[0], n_components, x.shape[1])
+    return _survey(x, sample_weight, n_components, chunk)[0]
 
 
 def make_data(
@@ -318,19 +353,12 @@ def make_data(
     every finite row get unit weight, so that a fit can still return finite
     parameters.
     """
-    status, unit, first_finite, first_positive = _survey(x, sample_weight, n_components)
     n, d = x.shape
     chunk = rows_per_chunk(n, n_components, d)
-    zeros = jnp.zeros((d,), x.dtype)
-    # Written in place into one N-sized buffer (map_chunks would stack the
-    # chunks and then concatenate: two more N-sized temporaries).
-    finite = update_chunks(
-        x,
-        None,
-        chunk,
-        lambda x_chunk, _, __, ___: jnp.all(jnp.isfinite(x_chunk), -1),
-        jnp.zeros((n,), bool),
+    status, unit, first_finite, first_positive, finite = _survey(
+        x, sample_weight, n_components, chunk
     )
+    zeros = jnp.zeros((d,), x.dtype)
     # The centre is the first usable row plus the weighted mean offset from
     # it: no cancellation, and independent of zero-weight padding.
     # The first row with positive effective weight (see Data.weights).

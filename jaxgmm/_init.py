@@ -170,7 +170,7 @@ def kmeans_plusplus(
         return indices.at[c].set(best), closest
 
     indices = jnp.zeros((n_clusters,), jnp.int32)
-    weight = data.weights(data.x, data.sample_weight)
+    weight = data.weights(data.x, data.sample_weight, data.finite_rows)
     indices, _ = lax.fori_loop(0, n_clusters, add_centre, (indices, weight))
     centres = data.centred(jax.vmap(lambda i: _row(data, i))(indices))
     return centres, indices
@@ -228,7 +228,7 @@ def kmeans_labels(data: Data, centres: Float[Array, "k d"]) -> Int[Array, " n"]:
 
 def _gumbel_top_k(key: PRNGKeyArray, data: Data, k: int) -> Int[Array, " k"]:
     """k distinct rows drawn with probability proportional to weight."""
-    weight = data.weights(data.x, data.sample_weight)
+    weight = data.weights(data.x, data.sample_weight, data.finite_rows)
     rows = jnp.arange(data.n_rows)
     gumbel = jax.vmap(
         lambda i: jax.random.gumbel(jax.random.fold_in(key, i), dtype=weight.dtype)

@@ -9,7 +9,8 @@ What it measures
     * jaxgmm: ``jax.jit(jax.vmap(lambda k, x, g: jaxgmm.fit(k, x, 3,
       max_iter=100, tol=0, init_gmm=g)))`` over all data sets in one call.
       Compile time (lower + XLA compile) is reported separately; the timed
-      calls run the compiled executable (median of ``--repeats``).
+      calls run the compiled executable (median of ``--repeats``, default 9:
+      on a shared 2-core machine single runs of the same call vary by ~50%).
     * scikit-learn: ``GaussianMixture(3, covariance_type="full", max_iter=100,
       tol=0, weights_init=..., means_init=..., precisions_init=...)`` fitted
       in a Python loop, from the same starting parameters (precisions =
@@ -73,7 +74,7 @@ def main() -> None:
     n_sets, max_iter = (256, 20) if args.quick else (N_SETS, MAX_ITER)
     subset = args.sklearn_subset or (8 if args.quick else 100)
     subset = min(subset, n_sets)
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 9)
     sk_repeats = args.sklearn_repeats or (1 if args.quick else 3)
     print(
         f"\n{n_sets} data sets x N={N}, D={D}, K={K}, full, max_iter={max_iter}, tol=0"

@@ -43,16 +43,24 @@ def prepare_x(x) -> Array:
     return x
 
 
-def _last_positive(values: Float[Array, " n"]) -> Int[Array, ""]:
-    """Index of the last positive entry (0 if there is none)."""
-    return jnp.max(jnp.where(values > 0, jnp.arange(values.shape[0]), 0))
+def inverse_cdf(
+    values: Float[Array, " n"], target: Array, cumulative: Array | None = None
+) -> Int[Array, "..."]:
+    """First index whose cumulative sum exceeds ``target``, never a zero entry.
 
-
-def inverse_cdf(values: Float[Array, " n"], target: Array) -> Int[Array, "..."]:
-    """First index whose cumulative sum exceeds ``target``, never a zero entry."""
-    cumulative = jnp.cumsum(values)
-    index = jnp.searchsorted(cumulative, target, side="right")
-    return jnp.minimum(index, _last_positive(values))
+    ``cumulative`` is ``jnp.cumsum(values)`` when the caller already has it. A
+    target at or past the total (rounding) gets the first index where the
+    cumulative sum reaches its total, a positive entry (0 if none is): it is
+    found by the same search, as the count of sums below the total.
+    """
+    if cumulative is None:
+        cumulative = jnp.cumsum(values)
+    total = cumulative[-1]
+    below_total = jnp.nextafter(total, jnp.array(-jnp.inf, total.dtype))
+    queries = jnp.append(jnp.ravel(target), below_total)
+    index = jnp.searchsorted(cumulative, queries, side="right")
+    last = jnp.where(total > 0, index[-1], 0)
+    return jnp.minimum(index[:-1].reshape(jnp.shape(target)), last)
 
 
 class GMM(eqx.Module):

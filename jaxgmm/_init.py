@@ -82,8 +82,11 @@ SEEDING_CHUNK_ELEMENTS = 1 << 20
 TWO_LEVEL_MIN_ROWS = 1 << 22
 
 
-def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
-    """Index ``i`` with probability ``values_i / sum(values)`` for each ``u``.
+def _draw_indices(
+    u: Float[Array, " t"], values: Float[Array, " n"]
+) -> tuple[Int[Array, " t"], Float[Array, ""]]:
+    """Index ``i`` with probability ``values_i / sum(values)`` for each ``u``,
+    and ``sum(values)``.
 
     Inverse CDF in two levels, so that no cumulative sum of all N values
     (and none of its N-sized temporaries) is formed: block totals first,
@@ -94,7 +97,9 @@ def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
     n = values.shape[0]
     block = SAMPLING_BLOCK
     if n < max(TWO_LEVEL_MIN_ROWS, 2 * block):
-        return inverse_cdf(values, u * jnp.sum(values)).astype(jnp.int32)
+        cumulative = jnp.cumsum(values)
+        indices = inverse_cdf(values, u * cumulative[-1], cumulative)
+        return indices.astype(jnp.int32), cumulative[-1]
     n_full = n // block
     # Sliced inside a loop: slicing the first n_full * block values and
     # reshaping them would copy all N of them.
@@ -108,16 +113,20 @@ def _draw_indices(u: Float[Array, " t"], values: Float[Array, " n"]) -> Array:
 
     def one(u):
         target = u * block_cumulative[-1]
-        chosen = inverse_cdf(totals, target)
+        chosen = inverse_cdf(totals, target, block_cumulative)
         before = jnp.where(chosen > 0, block_cumulative[chosen - 1], 0.0)
         # The last block may be short: slice a full block ending at row n and
         # zero the rows of the previous block it overlaps.
         start = jnp.minimum(chosen * block, n - block)
         piece = lax.dynamic_slice_in_dim(values, start, block)
         piece = jnp.where(start + jnp.arange(block) >= chosen * block, piece, 0.0)
-        return start + inverse_cdf(piece, target - before)
+        # The piece's sums are offset by `before` rather than the target
+        # reduced by it: XLA may fuse `u * total - before` into one rounding
+        # (a fused multiply-add), which would break ties differently from
+        # the single-level search.
+        return start + inverse_cdf(piece, target, before + jnp.cumsum(piece))
 
-    return jax.vmap(one)(u).astype(jnp.int32)
+    return jax.vmap(one)(u).astype(jnp.int32), block_cumulative[-1]
 
 
 def kmeans_plusplus(
@@ -145,27 +154,28 @@ def kmeans_plusplus(
     # distance to the closest centre is all the loop needs to carry. Before
     # the first centre it is the weight itself, so the first centre is drawn
     # with probability proportional to weight by the same code.
+    # Every draw up front: one random-number call (a threefry hash compiles
+    # to ~10 kernels; one per iteration plus a fold_in cost twice that).
+    draws = jax.random.uniform(key, (n_clusters, n_trials))
+
     def add_centre(c, carry):
         indices, closest = carry
-        u = jax.random.uniform(jax.random.fold_in(key, c), (n_trials,))
-        candidates = _draw_indices(u, closest)
+        candidates, total = _draw_indices(draws[c], closest)
         # When every usable row already sits on a centre, any of them is one
         # of the centres: take the first centre's row again (scikit-learn
         # also falls back to a fixed row there).
-        candidates = jnp.where(jnp.sum(closest) > 0, candidates, indices[0])
+        candidates = jnp.where(total > 0, candidates, indices[0])
 
         def potential(candidate):
             return _potential(data, closest, _row(data, candidate), chunk_size)
 
-        # The first centre is one draw; later ones the best of n_trials (a
-        # cond, so the first iteration skips the pass over x). The trials
-        # are vmapped: one pass over the rows scores them all, and it
-        # compiles faster than a loop over them.
-        best = lax.cond(
-            c == 0,
-            lambda: candidates[0],
-            lambda: candidates[jnp.argmin(jax.vmap(potential)(candidates))],
-        )
+        # The first centre is one draw; later ones the best of n_trials. The
+        # trials are vmapped: one pass over the rows scores them all, and it
+        # compiles faster than a loop over them. The first iteration scores
+        # them too and ignores the scores: one pass over x more than needed,
+        # where a cond skipping it compiled 7 more kernels (~80 ms).
+        scores = jax.vmap(potential)(candidates)
+        best = jnp.where(c == 0, candidates[0], candidates[jnp.argmin(scores)])
         closest = _closer(data, closest, _row(data, best), chunk_size, c == 0)
         return indices.at[c].set(best), closest
 

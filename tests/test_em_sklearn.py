@@ -137,9 +137,20 @@ def test_em_steps_equals_repeated_em_step(dataset):
 
 
 def test_history_of_a_float64_fit_never_decreases(dataset):
+    # EM never lowers the likelihood: exact for the maximum-likelihood M-step
+    # (reg_covar=0), to rounding in float64.
+    result = jaxgmm.fit(
+        jax.random.key(4), dataset, 4, max_iter=60, tol=0.0, reg_covar=0.0
+    )
+    history = np.asarray(result.history)
+    assert np.all(np.diff(history) >= -1e-12 * np.abs(history[1:]))
+    # reg_covar moves each M-step off the maximum by O(reg_covar / variance):
+    # near convergence the likelihood may then dip by about that much
+    # (scikit-learn's lower_bounds_ dip identically, e.g. -1.7e-9 relative
+    # on iris with K=4), never more.
     result = jaxgmm.fit(jax.random.key(4), dataset, 4, max_iter=60, tol=0.0)
     history = np.asarray(result.history)
-    assert np.all(np.diff(history) >= -1e-9 * np.abs(history[1:]))
+    assert np.all(np.diff(history) >= -1e-7 * np.abs(history[1:]))
 
 
 def test_sample_weight_equals_repeating_rows(dataset):

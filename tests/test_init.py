@@ -150,7 +150,9 @@ def test_two_level_inverse_cdf_matches_one_cumulative_sum(monkeypatch):
     u = np.r_[rng.random(500), 0.0, np.nextafter(np.float32(1), np.float32(0))]
     u = u.astype(np.float32)
     draw = jax.jit(_draw_indices)
-    got = np.asarray(draw(u, values))
+    got, total = draw(u, values)
+    got = np.asarray(got)
+    assert float(total) == float(values.sum())
     cumulative = np.cumsum(values.astype(np.float64))
     target = u * np.float32(cumulative[-1])  # float32, as jaxgmm forms it
     expected = np.searchsorted(cumulative, target.astype(np.float64), side="right")
@@ -158,4 +160,4 @@ def test_two_level_inverse_cdf_matches_one_cumulative_sum(monkeypatch):
     assert np.all(values[got] > 0)
     # Zero-valued rows appended at the end change no draw.
     padded = np.r_[values, np.zeros(5000, np.float32)]
-    np.testing.assert_array_equal(np.asarray(draw(u, padded)), got)
+    np.testing.assert_array_equal(np.asarray(draw(u, padded)[0]), got)

@@ -128,6 +128,10 @@ def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     A ``lax.scan`` over the full chunks plus one remainder chunk: nothing the
     size of ``x`` is ever materialised.
     """
+    if chunk_size >= x.shape[0]:
+        # One chunk holds every row: its partial is the total (and tracing
+        # ``fn`` a second time for the shapes of a loop carry is spared).
+        return fn(x, sample_weight, jnp.arange(x.shape[0]))
     initial = _identities(combine, _partial_shapes(fn, x, sample_weight, chunk_size))
 
     def step(total, x_chunk, w_chunk, rows, _):
@@ -144,6 +148,9 @@ def reduce_update_chunks(x, sample_weight, chunk_size: int, fn, combine, out):
     written into the ``(N, ...)`` buffer ``out`` in place. Returns
     ``(combined, out)``.
     """
+    if chunk_size >= x.shape[0]:
+        partial, new = fn(x, sample_weight, jnp.arange(x.shape[0]))
+        return partial, jnp.broadcast_to(new, out.shape).astype(out.dtype)
     partial_shape = _partial_shapes(lambda *a: fn(*a)[0], x, sample_weight, chunk_size)
 
     def step(carry, x_chunk, w_chunk, rows, start):

@@ -150,14 +150,14 @@ def kmeans_plusplus(
         data.n_rows, max(SEEDING_CHUNK_ELEMENTS // data.x.shape[1], 64)
     )
 
-    # weight * min(d_1, d_2) = min(weight * d_1, weight * d_2): the weighted
-    # distance to the closest centre is all the loop needs to carry. Before
-    # the first centre it is the weight itself, so the first centre is drawn
-    # with probability proportional to weight by the same code.
     # Every draw up front: one random-number call (a threefry hash compiles
     # to ~10 kernels; one per iteration plus a fold_in cost twice that).
     draws = jax.random.uniform(key, (n_clusters, n_trials))
 
+    # weight * min(d_1, d_2) = min(weight * d_1, weight * d_2): the weighted
+    # distance to the closest centre is all the loop needs to carry. Before
+    # the first centre it is the weight itself, so the first centre is drawn
+    # with probability proportional to weight by the same code.
     def add_centre(c, carry):
         indices, closest = carry
         candidates, total = _draw_indices(draws[c], closest)

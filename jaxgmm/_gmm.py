@@ -43,6 +43,9 @@ def prepare_x(x) -> Array:
     return x
 
 
+COMPARE_ALL_MAX = 4096
+
+
 def inverse_cdf(
     values: Float[Array, " n"], target: Array, cumulative: Array | None = None
 ) -> Int[Array, "..."]:
@@ -58,7 +61,10 @@ def inverse_cdf(
     total = cumulative[-1]
     below_total = jnp.nextafter(total, jnp.array(-jnp.inf, total.dtype))
     queries = jnp.append(jnp.ravel(target), below_total)
-    index = jnp.searchsorted(cumulative, queries, side="right")
+    # Up to a few thousand values, counting the sums below each query is one
+    # fused pass and compiles to fewer kernels than a binary-search loop.
+    method = "compare_all" if cumulative.shape[0] <= COMPARE_ALL_MAX else "scan"
+    index = jnp.searchsorted(cumulative, queries, side="right", method=method)
     last = jnp.where(total > 0, index[-1], 0)
     return jnp.minimum(index[:-1].reshape(jnp.shape(target)), last)
 

@@ -128,16 +128,9 @@ def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
     A ``lax.scan`` over the full chunks plus one remainder chunk: nothing the
     size of ``x`` is ever materialised.
     """
-    if chunk_size >= x.shape[0]:
-        # One chunk holds every row: its partial is the total (and tracing
-        # ``fn`` a second time for the shapes of a loop carry is spared).
-        return fn(x, sample_weight, jnp.arange(x.shape[0]))
-    initial = _identities(combine, _partial_shapes(fn, x, sample_weight, chunk_size))
-
-    def step(total, x_chunk, w_chunk, rows, _):
-        return _combine(combine, total, fn(x_chunk, w_chunk, rows)), None
-
-    return _scan_chunks(x, sample_weight, chunk_size, step, initial)[0]
+    return reduce_update_chunks(
+        x, sample_weight, chunk_size, lambda *a: (fn(*a), None), combine, None
+    )[0]
 
 
 def reduce_update_chunks(x, sample_weight, chunk_size: int, fn, combine, out):
@@ -145,18 +138,21 @@ def reduce_update_chunks(x, sample_weight, chunk_size: int, fn, combine, out):
 
     ``fn(x_chunk, weight_chunk, row_index) -> (partial, rows_out)``: the
     partials are combined as in :func:`reduce_chunks`, ``rows_out`` is
-    written into the ``(N, ...)`` buffer ``out`` in place. Returns
-    ``(combined, out)``.
+    written into the ``(N, ...)`` buffer ``out`` in place (``out`` None:
+    nothing is written). Returns ``(combined, out)``.
     """
     if chunk_size >= x.shape[0]:
+        # One chunk holds every row: its partial is the total (and tracing
+        # ``fn`` a second time for the shapes of a loop carry is spared).
         partial, new = fn(x, sample_weight, jnp.arange(x.shape[0]))
-        return partial, jnp.broadcast_to(new, out.shape).astype(out.dtype)
+        return partial, None if out is None else new.astype(out.dtype)
     partial_shape = _partial_shapes(lambda *a: fn(*a)[0], x, sample_weight, chunk_size)
 
     def step(carry, x_chunk, w_chunk, rows, start):
         total, out = carry
         partial, new = fn(x_chunk, w_chunk, rows)
-        out = lax.dynamic_update_slice_in_dim(out, new.astype(out.dtype), start, 0)
+        if out is not None:
+            out = lax.dynamic_update_slice_in_dim(out, new.astype(out.dtype), start, 0)
         return (_combine(combine, total, partial), out), None
 
     carry = (_identities(combine, partial_shape), out)

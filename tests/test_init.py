@@ -161,3 +161,76 @@ def test_two_level_inverse_cdf_matches_one_cumulative_sum(monkeypatch):
     # Zero-valued rows appended at the end change no draw.
     padded = np.r_[values, np.zeros(5000, np.float32)]
     np.testing.assert_array_equal(np.asarray(draw(u, padded)[0]), got)
+
+
+def test_seeding_draws_are_uniform_independent_and_follow_the_key():
+    # k-means++ hashes its draws from the key's data (_uniforms), not with
+    # jax.random: check them as a generator, at a significance of 1e-4 each
+    # (the draws are fixed by the keys, so the test is deterministic).
+    from scipy import stats
+
+    from jaxgmm._init import _uniforms
+
+    n = 100_000
+    draw = jax.jit(lambda k: _uniforms(k, (n,), jnp.float32))
+    u = np.asarray(draw(jax.random.key(0)), np.float64)
+    assert u.dtype == np.float64 and 0.0 <= u.min() and u.max() < 1.0
+    assert stats.kstest(u, "uniform").pvalue > 1e-4
+    # Consecutive draws are independent: uncorrelated, and their pairs fill
+    # a 10 x 10 grid as evenly as chance would (neither less nor, like a
+    # lattice, more: the test is two-sided).
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 4.5 / np.sqrt(n)
+    pairs = np.histogram2d(u[:-1:2], u[1::2], bins=10, range=[[0, 1], [0, 1]])[0]
+    assert 1e-4 < stats.chisquare(pairs.ravel()).pvalue < 1 - 1e-4
+    # Same key, same draws; split keys and neighbouring raw keys give
+    # uncorrelated streams (|r| below 4.5 standard errors).
+    np.testing.assert_array_equal(draw(jax.random.key(0)), u.astype(np.float32))
+    others = [jax.random.key(1), *jax.random.split(jax.random.key(0), 2)]
+    for other in others:
+        v = np.asarray(draw(other), np.float64)
+        assert abs(np.corrcoef(u, v)[0, 1]) < 4.5 / np.sqrt(n)
+        assert np.mean(u == v) < 1e-3
+    # vmap over keys draws what each key draws alone.
+    keys = jax.random.split(jax.random.key(7), 3)
+    batched = jax.vmap(lambda k: _uniforms(k, (4, 3), jnp.float32))(keys)
+    for k, row in zip(keys, batched):
+        np.testing.assert_array_equal(row, _uniforms(k, (4, 3), jnp.float32))
+
+
+def test_float64_seeding_draws_use_52_bits(x64):
+    from scipy import stats
+
+    from jaxgmm._init import _uniforms
+
+    u = np.asarray(_uniforms(jax.random.key(3), (50_000,), jnp.float64))
+    assert u.dtype == np.float64 and 0.0 <= u.min() and u.max() < 1.0
+    assert stats.kstest(u, "uniform").pvalue > 1e-4
+    scaled = u * 2.0**52
+    np.testing.assert_array_equal(scaled, np.round(scaled))
+    # The low 26 bits come from a second word: they are uniform too.
+    low = np.mod(scaled, 2.0**26) / 2.0**26
+    assert stats.kstest(low, "uniform").pvalue > 1e-4
+
+
+def test_first_kmeans_plus_plus_centre_is_drawn_in_proportion_to_weight():
+    # The first centre is a row drawn with probability weight / total weight:
+    # over 4,000 keys, the counts pass a chi-square test against the weights
+    # (significance 1e-4), and the zero-weight row is never drawn.
+    from scipy import stats
+
+    from jaxgmm._data import make_data
+    from jaxgmm._init import kmeans_plusplus
+
+    x = jnp.arange(12.0, dtype=jnp.float32).reshape(6, 2)
+    weight = jnp.array([1.0, 2.0, 0.0, 3.0, 4.0, 5.0], jnp.float32)
+
+    def first(key):
+        data, _ = make_data(x, weight, 2)
+        return kmeans_plusplus(key, data, 2)[1][0]
+
+    keys = jax.random.split(jax.random.key(11), 4000)
+    counts = np.bincount(np.asarray(jax.jit(jax.vmap(first))(keys)), minlength=6)
+    assert counts[2] == 0
+    positive = np.asarray(weight) > 0
+    expected = 4000 * np.asarray(weight)[positive] / float(weight.sum())
+    assert stats.chisquare(counts[positive], expected).pvalue > 1e-4

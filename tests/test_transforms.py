@@ -34,8 +34,9 @@ def test_data_closed_over_by_jit_equals_eager(eager):
     # still runs (and raises ValueError), and the answers are the eager ones.
     fit = jax.jit(lambda key: jaxgmm.fit(key, X, 3, max_iter=30))
     assert_trees_close(eager, fit(jax.random.key(0)))
+    # The batch's first key is the eager fit's key.
     batch = jax.jit(jax.vmap(lambda key: jaxgmm.fit(key, X, 3, max_iter=30)))(
-        jax.random.split(jax.random.key(0), 2)
+        jax.vmap(jax.random.key)(jnp.array([0, 1]))
     )
     assert_trees_close(eager.gmm, jax.tree.map(lambda a: a[0], batch.gmm))
     step = jax.jit(lambda g: jaxgmm.em_step(g, X))(eager.gmm)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from ._linalg import all_finite, is_finite
 from ._status import Status
 
 # Budget (elements) for one chunk's temporaries. A row needs at most
@@ -237,13 +238,11 @@ class Data(eqx.Module):
         if self.prepared:
             return weight_chunk
         if finite is None:
-            finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+            finite = all_finite(x_chunk)
         if weight_chunk is None:
             weight_chunk = jnp.ones(x_chunk.shape[:1], x_chunk.dtype)
         usable = jnp.where(self.unit_weights, 1.0, jnp.maximum(weight_chunk, 0.0))
-        return jnp.where(finite & jnp.isfinite(usable), usable, 0.0).astype(
-            x_chunk.dtype
-        )
+        return jnp.where(finite & is_finite(usable), usable, 0.0).astype(x_chunk.dtype)
 
     def rows(self, x_chunk, weight_chunk, row_index):
         """Centred, sanitised rows and their effective weights."""
@@ -302,13 +301,13 @@ def _survey(
         return jnp.min(jnp.where(mask, rows, n))
 
     def chunk(x_chunk, w_chunk, rows):
-        finite = jnp.all(jnp.isfinite(x_chunk), axis=-1)
+        finite = all_finite(x_chunk)
         if w_chunk is None:
             return (jnp.sum(~finite), jnp.int32(0), first(finite, rows)), finite
-        positive = finite & (w_chunk > 0) & jnp.isfinite(w_chunk)
+        positive = finite & (w_chunk > 0) & is_finite(w_chunk)
         return (
             jnp.sum(~finite & (w_chunk != 0)),
-            jnp.sum(~jnp.isfinite(w_chunk) | (w_chunk < 0)),
+            jnp.sum(~is_finite(w_chunk) | (w_chunk < 0)),
             first(finite, rows),
             first(positive, rows),
             jnp.sum(positive),
@@ -367,7 +366,7 @@ def make_data(
     # The first row with positive effective weight (see Data.weights).
     first = jnp.where(unit, first_finite, first_positive)
     first = jnp.where(first < n, first, 0)
-    anchor = jnp.where(jnp.isfinite(x[first]), x[first], 0.0)
+    anchor = jnp.where(is_finite(x[first]), x[first], 0.0)
     data = Data(x, sample_weight, anchor, zeros, unit, finite, chunk)
     total, first, second = data.sum(
         lambda xc, w, _: (

@@ -17,6 +17,7 @@ from ._covariance import structure_for
 from ._data import Data, data_status, make_data
 from ._gmm import GMM, as_array, is_concrete, isotropic_gmm, prepare_x
 from ._init import check_init, initial_gmm
+from ._linalg import all_finite, is_finite
 from ._stats import em_iteration
 from ._status import MESSAGES, Status
 
@@ -219,7 +220,7 @@ def _fit(
         )
     gmm = shift_means(gmm, data.centre)
     finite = jnp.all(
-        jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(gmm)])
+        jnp.array([all_finite(leaf, axis=None) for leaf in jax.tree.leaves(gmm)])
     )
     status = jnp.where(
         (status == Status.success) & ~finite, Status.nonfinite_parameters, status
@@ -236,7 +237,7 @@ def _placeholder_gmm(like: GMM, data) -> GMM:
     """Equal weights, every mean at the data centre (0 if that is not finite),
     unit covariances: the parameters reported when a fit did not give finite
     ones."""
-    centre = jnp.where(jnp.isfinite(data.centre), data.centre, 0.0)
+    centre = jnp.where(is_finite(data.centre), data.centre, 0.0)
     means = jnp.broadcast_to(centre, like.means.shape).astype(like.means.dtype)
     return isotropic_gmm(means, 1.0, like.covariance_type)
 

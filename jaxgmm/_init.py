@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._covariance import structure_for
 from ._data import Data, chunk_rows, reduce_chunks, update_chunks
 from ._gmm import GMM, inverse_cdf, isotropic_gmm
+from ._linalg import is_finite
 from ._stats import Stats, m_step
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
@@ -31,7 +32,7 @@ def check_init(init: str) -> None:
 def _row(data: Data, index: Int[Array, ""]) -> Float[Array, " d"]:
     """One stored row (the data centre if it is not finite)."""
     row = data.x[index]
-    return jnp.where(jnp.isfinite(row), row, data.origin)
+    return jnp.where(is_finite(row), row, data.origin)
 
 
 def _weighted_distance(
@@ -44,7 +45,7 @@ def _weighted_distance(
     with it (a row is finite exactly when its distance is).
     """
     distance = jnp.sum((x_chunk - point) ** 2, axis=-1)
-    finite = jnp.isfinite(distance)
+    finite = is_finite(distance)
     weight = data.weights(x_chunk, weight_chunk, finite)
     return jnp.where(finite & (weight > 0), weight * distance, 0.0)
 
@@ -300,7 +301,7 @@ def _point_gmm(structure, data: Data, indices: Int[Array, " k"], reg_covar, fall
     covariances come from ``fallback`` instead.
     """
     rows = data.x[indices]
-    points = jnp.where(jnp.isfinite(rows), data.centred(rows), 0.0)
+    points = jnp.where(is_finite(rows), data.centred(rows), 0.0)
     weights = data.weights(rows, data.weight_rows(lambda w: w[indices]))
     weights = weights + 10 * jnp.finfo(weights.dtype).eps
     k, d = points.shape

@@ -194,6 +194,37 @@ def row_sums(a: Float[Array, "k n"]) -> Float[Array, " k"]:
     return (a @ ones)[..., 0]
 
 
+def is_finite(a: Array) -> Array:
+    """``jnp.isfinite(a)``, as ``a * 0 == 0`` (NaN for infinities and NaN).
+
+    XLA's CPU code for ``is-finite`` (or ``abs(a) < inf``, which it turns
+    into it) vectorises badly: fused into a select over a 16 x 16 array it
+    is a 66 KB kernel of LLVM IR, the multiply-compare 12 KB. Compile time
+    grows with the code, so every finiteness test in a fit uses this.
+
+    Example:
+        >>> is_finite(jnp.array([1.0, jnp.inf, jnp.nan]))
+        Array([ True, False, False], dtype=bool)
+    """
+    return a * 0 == 0
+
+
+def all_finite(a: Array, axis=-1) -> Array:
+    """``jnp.all(jnp.isfinite(a), axis)``, as a float sum.
+
+    ``a * 0`` is zero where ``a`` is finite and NaN where it is not, so its
+    sum is finite exactly when every entry is. XLA's CPU code for the float
+    sum is about a fifth of the size of a boolean and-reduction's (6 KB
+    against 30 KB of LLVM IR for rows of 16 features), and a fit checks
+    finiteness in several places, each one more kernel to compile.
+
+    Example:
+        >>> all_finite(jnp.array([[1.0, 2.0], [jnp.inf, 0.0]]))
+        Array([ True, False], dtype=bool)
+    """
+    return is_finite(jnp.sum(a * 0, axis=axis))
+
+
 def transpose(a: Array) -> Array:
     return jnp.swapaxes(a, -1, -2)
 

@@ -99,7 +99,7 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         # One exp per (component, row) serves both the log-sum-exp and the
         # responsibilities.
         peak = _max_over_components(log_prob)
-        peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+        peak = jnp.where(_linalg.is_finite(peak), peak, 0.0)
         # Responsibilities below eps**2 of a row's largest change no statistic
         # at this precision; flushing them to exact zero keeps denormal floats
         # (exp(-100) in float32), which are ~100x slower, out of the GEMMs.
@@ -156,7 +156,7 @@ def m_step(
     )
     precisions_cholesky = structure.precisions_cholesky_from_covariances(covariances)
     empty = stats.counts <= stats.total_weight * eps
-    keep = empty | ~jnp.all(jnp.isfinite(means), axis=-1)
+    keep = empty | ~_linalg.all_finite(means)
     means = jnp.where(keep[:, None], previous.means, means)
     precisions_cholesky = structure.keep_previous(
         precisions_cholesky, previous.precisions_cholesky, keep

@@ -148,8 +148,9 @@ def _uniforms(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Array:
     its counter with every word of ``jax.random.key_data(key)`` in turn
     (:func:`_mix32` after each word, then once more). The same key gives the
     same draws; keys from ``split`` or ``fold_in`` give unrelated ones. The
-    top 23 bits of one word (float32) or 26 of each of two words (float64)
-    form the mantissa, as ``jax.random.uniform`` does.
+    top 23 bits of one word (float32; fewer for narrower floats) or 26 of
+    each of two words (float64) form the mantissa, as ``jax.random.uniform``
+    does.
 
     k-means++ needs only a few dozen draws. ``jax.random.uniform`` would
     hash them with threefry, whose rolled loop over a (K, T) array compiles
@@ -165,7 +166,10 @@ def _uniforms(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Array:
         state = _mix32(state ^ words[i])
     bits = _mix32(state + jnp.uint32(0x632BE5AB))
     if not wide:
-        mantissa = (bits >> 9).astype(jnp.float32) * (2.0**-23)
+        # At most as many bits as dtype's mantissa holds, so that the cast is
+        # exact and never rounds a draw up to 1.
+        m = min(int(jnp.finfo(dtype).nmant), 23)
+        mantissa = (bits >> (32 - m)).astype(jnp.float32) * (2.0**-m)
         return mantissa.astype(dtype).reshape(shape)
     high, low = (bits.reshape(-1, 2) >> 6).astype(dtype).T
     return ((high * 2.0**26 + low) * 2.0**-52).reshape(shape)

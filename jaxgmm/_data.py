@@ -75,7 +75,7 @@ def _chunk_starts(n_rows: int, chunk_size: int):
     return starts, (n_full * chunk_size if remainder else None)
 
 
-def _scan_chunks(x, sample_weight, chunk_size: int, step, carry):
+def scan_chunks(x, sample_weight, chunk_size: int, step, carry):
     """The one loop over row chunks behind the passes below.
 
     ``step(carry, x_chunk, weight_chunk, row_index, start) -> (carry, out)``
@@ -135,7 +135,7 @@ def reduce_chunks(x, sample_weight, chunk_size: int, fn, combine):
 
 
 def reduce_update_chunks(x, sample_weight, chunk_size: int, fn, combine, out):
-    """:func:`reduce_chunks` and :func:`update_chunks` in one pass.
+    """:func:`reduce_chunks` and an in-place row update in one pass.
 
     ``fn(x_chunk, weight_chunk, row_index) -> (partial, rows_out)``: the
     partials are combined as in :func:`reduce_chunks`, ``rows_out`` is
@@ -157,7 +157,7 @@ def reduce_update_chunks(x, sample_weight, chunk_size: int, fn, combine, out):
         return (_combine(combine, total, partial), out), None
 
     carry = (_identities(combine, partial_shape), out)
-    return _scan_chunks(x, sample_weight, chunk_size, step, carry)[0]
+    return scan_chunks(x, sample_weight, chunk_size, step, carry)[0]
 
 
 def map_chunks(x, sample_weight, chunk_size: int, fn):
@@ -167,27 +167,11 @@ def map_chunks(x, sample_weight, chunk_size: int, fn):
     def step(_, x_chunk, w_chunk, rows, __):
         return None, fn(x_chunk, w_chunk, rows)
 
-    _, stacked, tail = _scan_chunks(x, sample_weight, chunk_size, step, None)
+    _, stacked, tail = scan_chunks(x, sample_weight, chunk_size, step, None)
     if stacked is None:
         return tail
     out = stacked.reshape((-1,) + stacked.shape[2:])
     return out if tail is None else jnp.concatenate([out, tail])
-
-
-def update_chunks(x, sample_weight, chunk_size: int, fn, out):
-    """``out[rows] = fn(x_chunk, weight_chunk, row_index, out[rows])`` over the
-    same chunks as :func:`reduce_chunks`, written into ``out`` in place.
-
-    ``out`` is ``(N, ...)``; a loop carry updated by ``dynamic_update_slice``,
-    so no second N-sized buffer is formed.
-    """
-
-    def step(out, x_chunk, w_chunk, rows, start):
-        part = lax.dynamic_slice_in_dim(out, start, x_chunk.shape[0])
-        new = fn(x_chunk, w_chunk, rows, part).astype(out.dtype)
-        return lax.dynamic_update_slice_in_dim(out, new, start, 0), None
-
-    return _scan_chunks(x, sample_weight, chunk_size, step, out)[0]
 
 
 def _ops(combine, n_leaves: int) -> tuple:
@@ -239,10 +223,16 @@ class Data(eqx.Module):
             return weight_chunk
         if finite is None:
             finite = all_finite(x_chunk)
-        if weight_chunk is None:
-            weight_chunk = jnp.ones(x_chunk.shape[:1], x_chunk.dtype)
-        usable = jnp.where(self.unit_weights, 1.0, jnp.maximum(weight_chunk, 0.0))
-        return jnp.where(finite & is_finite(usable), usable, 0.0).astype(x_chunk.dtype)
+        dtype = x_chunk.dtype
+        if weight_chunk is None:  # unit weights, in fallback or not
+            return finite.astype(dtype)
+        usable = (weight_chunk > 0) & is_finite(weight_chunk)
+        weight = jnp.where(usable, weight_chunk, 0.0).astype(dtype)
+        # Fallback by arithmetic rather than a select on the scalar flag:
+        # LLVM compiles a row loop once per value of each loop-invariant
+        # condition it selects on (loop unswitching).
+        unit = self.unit_weights.astype(dtype)
+        return jnp.where(finite, weight * (1 - unit) + unit, 0.0)
 
     def rows(self, x_chunk, weight_chunk, row_index):
         """Centred, sanitised rows and their effective weights."""

@@ -1,9 +1,10 @@
 """Initialisation: k-means++, k-means (Lloyd), random responsibilities, random rows.
 
 Everything is jit- and vmap-able and weighted. No random draw depends on the
-number of rows: indices are drawn by inverse-CDF over cumulative weights, and
-per-row randomness is keyed by the row's index (``fold_in``), so padding a
-data set with zero-weight rows never changes the initialisation.
+number of rows: per-row randomness is keyed by the row's index (hashed for
+k-means++'s exponential race, ``fold_in`` elsewhere) and rows of weight 0 are
+never drawn, so padding a data set with zero-weight rows never changes the
+initialisation.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._covariance import structure_for
-from ._data import Data, chunk_rows, reduce_chunks, update_chunks
-from ._gmm import GMM, inverse_cdf, isotropic_gmm
+from ._data import Data, chunk_rows, reduce_chunks, scan_chunks
+from ._gmm import GMM, isotropic_gmm
 from ._linalg import is_finite
 from ._stats import Stats, m_step
 
@@ -50,6 +51,12 @@ def _weighted_distance(
     return jnp.where(finite & (weight > 0), weight * distance, 0.0)
 
 
+def _smaller(a: Array, b: Array) -> Array:
+    """``jnp.minimum`` for values that are never NaN, as a select: XLA's CPU
+    code for a NaN-propagating minimum is several times larger."""
+    return jnp.where(b < a, b, a)
+
+
 def _potential(data: Data, closest, point, chunk_size: int) -> Array:
     r"""k-means++ potential of adding ``point``:
     :math:`\sum_n \min(\text{closest}_n, w_n |x_n - \text{point}|^2)`,
@@ -58,76 +65,13 @@ def _potential(data: Data, closest, point, chunk_size: int) -> Array:
     def partial(x_chunk, w_chunk, rows):
         part = lax.dynamic_slice_in_dim(closest, rows[0], rows.shape[0])
         distance = _weighted_distance(data, point, x_chunk, w_chunk)
-        return jnp.sum(jnp.minimum(part, distance))
+        return jnp.sum(_smaller(part, distance))
 
     return reduce_chunks(data.x, data.sample_weight, chunk_size, partial, jnp.add)
 
 
-def _closer(data: Data, closest, point, chunk_size: int, first) -> Array:
-    """``closest`` lowered to the weighted distance to ``point`` (replaced by
-    it when ``first``), updated in place chunk by chunk."""
-
-    def update(x_chunk, w_chunk, rows, part):
-        distance = _weighted_distance(data, point, x_chunk, w_chunk)
-        return jnp.where(first, distance, jnp.minimum(part, distance))
-
-    return update_chunks(data.x, data.sample_weight, chunk_size, update, closest)
-
-
-# Rows per block of the two-level inverse CDF in ``_draw_indices``, and the
-# number of rows from which it is used (below, one cumulative sum of all
-# rows is cheap, and compiles faster).
-SAMPLING_BLOCK = 4096
 # Elements of x per chunk in k-means++'s passes over the rows.
 SEEDING_CHUNK_ELEMENTS = 1 << 20
-TWO_LEVEL_MIN_ROWS = 1 << 22
-
-
-def _draw_indices(
-    u: Float[Array, " t"], values: Float[Array, " n"]
-) -> tuple[Int[Array, " t"], Float[Array, ""]]:
-    """Index ``i`` with probability ``values_i / sum(values)`` for each ``u``,
-    and ``sum(values)``.
-
-    Inverse CDF in two levels, so that no cumulative sum of all N values
-    (and none of its N-sized temporaries) is formed: block totals first,
-    then the cumulative sum of the one block the target falls in. Blocks
-    start at row 0, so zero-valued rows appended at the end (padding)
-    change no draw.
-    """
-    n = values.shape[0]
-    block = SAMPLING_BLOCK
-    if n < max(TWO_LEVEL_MIN_ROWS, 2 * block):
-        cumulative = jnp.cumsum(values)
-        indices = inverse_cdf(values, u * cumulative[-1], cumulative)
-        return indices.astype(jnp.int32), cumulative[-1]
-    n_full = n // block
-    # Sliced inside a loop: slicing the first n_full * block values and
-    # reshaping them would copy all N of them.
-    totals = lax.map(
-        lambda b: jnp.sum(lax.dynamic_slice_in_dim(values, b * block, block)),
-        jnp.arange(n_full),
-    )
-    if n_full * block < n:
-        totals = jnp.concatenate([totals, jnp.sum(values[n_full * block :])[None]])
-    block_cumulative = jnp.cumsum(totals)
-
-    def one(u):
-        target = u * block_cumulative[-1]
-        chosen = inverse_cdf(totals, target, block_cumulative)
-        before = jnp.where(chosen > 0, block_cumulative[chosen - 1], 0.0)
-        # The last block may be short: slice a full block ending at row n and
-        # zero the rows of the previous block it overlaps.
-        start = jnp.minimum(chosen * block, n - block)
-        piece = lax.dynamic_slice_in_dim(values, start, block)
-        piece = jnp.where(start + jnp.arange(block) >= chosen * block, piece, 0.0)
-        # The piece's sums are offset by `before` rather than the target
-        # reduced by it: XLA may fuse `u * total - before` into one rounding
-        # (a fused multiply-add), which would break ties differently from
-        # the single-level search.
-        return start + inverse_cdf(piece, target, before + jnp.cumsum(piece))
-
-    return jax.vmap(one)(u).astype(jnp.int32), block_cumulative[-1]
 
 
 def _mix32(x: Array) -> Array:
@@ -141,38 +85,100 @@ def _mix32(x: Array) -> Array:
     return x ^ (x >> 16)
 
 
-def _uniforms(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Array:
-    """``shape`` uniform draws in [0, 1) of ``dtype``, determined by ``key``.
+def _exponentials(
+    words: Array, rows: Int[Array, " n"], counters: Int[Array, " t"], dtype
+) -> Float[Array, "t n"]:
+    r"""Standard exponential draws, one per ``(counter, row)``, of ``dtype``.
 
-    A counter-based generator over the key's raw data: draw ``i`` hashes
-    its counter with every word of ``jax.random.key_data(key)`` in turn
-    (:func:`_mix32` after each word, then once more). The same key gives the
-    same draws; keys from ``split`` or ``fold_in`` give unrelated ones. The
-    top 23 bits of one word (float32; fewer for narrower floats) or 26 of
-    each of two words (float64) form the mantissa, as ``jax.random.uniform``
-    does.
+    Counter-based: each row hashes its index with every 32-bit word of the
+    key's data (``words``, from ``jax.random.key_data``) into two 32-bit
+    streams (:func:`_mix32` after each word), and each counter is hashed
+    into both. The same key, row and counter always give the same draw, so
+    a draw depends neither on how the rows are chunked nor on how many rows
+    follow (padding); keys from ``split`` or ``fold_in`` give unrelated
+    draws.
 
-    k-means++ needs only a few dozen draws. ``jax.random.uniform`` would
-    hash them with threefry, whose rolled loop over a (K, T) array compiles
-    to large kernels: about a fifth of the XLA compile time of a whole
-    k-means++ fit (N=1e6, D=16, K=16), more under ``vmap``. This is one
-    small elementwise kernel.
+    The 64 bits form :math:`V \in (0, 1)` with full relative precision near
+    0 (24 bits from one word, then 32 from the other), and the draw is
+    :math:`E = -\log(1 - V)`. Near 0 is where it matters: the smallest of a
+    million draws is ~1e-6, where a 32-bit fixed-point uniform would leave
+    only a few thousand distinct values.
     """
-    words = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
-    wide = jnp.finfo(dtype).nmant > 23
-    n = math.prod(shape) * (2 if wide else 1)
-    state = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
-    for i in range(words.shape[0]):
-        state = _mix32(state ^ words[i])
-    bits = _mix32(state + jnp.uint32(0x632BE5AB))
-    if not wide:
-        # At most as many bits as dtype's mantissa holds, so that the cast is
-        # exact and never rounds a draw up to 1.
-        m = min(int(jnp.finfo(dtype).nmant), 23)
-        mantissa = (bits >> (32 - m)).astype(jnp.float32) * (2.0**-m)
-        return mantissa.astype(dtype).reshape(shape)
-    high, low = (bits.reshape(-1, 2) >> 6).astype(dtype).T
-    return ((high * 2.0**26 + low) * 2.0**-52).reshape(shape)
+    dtype = jnp.promote_types(dtype, jnp.float32)
+    index = rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+    streams = []
+    for seed in (0x632BE5AB, 0x2545F491):
+        state = index ^ jnp.uint32(seed)
+        for i in range(words.shape[0]):
+            state = _mix32(state ^ words[i])
+        streams.append(state)
+    counter = counters.astype(jnp.uint32)[:, None] * jnp.uint32(0x85EBCA6B)
+    high = _mix32(streams[0][None, :] ^ counter) >> 8
+    low = _mix32(streams[1][None, :] ^ counter)
+    v = high.astype(dtype) * 2.0**-24 + low.astype(dtype) * 2.0**-56
+    v = jnp.minimum(v, 1.0 - jnp.finfo(dtype).epsneg)
+    return -jnp.log1p(-v)
+
+
+def _closer_and_draw(
+    data: Data, closest, point, chunk_size: int, keep, first, words, counters
+) -> tuple[Array, Int[Array, " t"], Bool[Array, " t"]]:
+    r"""One chunked pass: the weighted distances to the closest centre
+    updated with ``point``, and rows drawn in proportion to them.
+
+    ``closest`` is kept (``keep``), replaced by the weighted distance to
+    ``point`` (``first``) or lowered to it. Then, for each counter, the row
+    :math:`\arg\min_n E_n / \text{closest}_n` is drawn, with :math:`E_n`
+    independent standard exponentials (:func:`_exponentials`): row ``n``
+    wins with probability exactly :math:`\text{closest}_n / \sum_m
+    \text{closest}_m` (the exponential race), a row at distance 0 never.
+    Unlike an inverse CDF this needs no cumulative sum over the rows, only
+    a minimum, and it is folded into the update. Returns ``(closest, rows
+    drawn, whether a row could be drawn)``; none can when every distance is
+    0.
+    """
+    dtype = data.x.dtype
+    n_draws = counters.shape[0]
+    # keep: min(closest, inf); first: min(inf, distance). Added, not
+    # selected: LLVM compiles a loop once per value of each loop-invariant
+    # condition it selects on (loop unswitching), several times the code.
+    inf = jnp.array(jnp.inf, dtype)
+    ignore_part = jnp.where(first, inf, 0.0)
+    ignore_distance = jnp.where(keep, inf, 0.0)
+
+    def step(carry, x_chunk, w_chunk, rows, start):
+        closest, best_score, best_row = carry
+        part = lax.dynamic_slice_in_dim(closest, start, x_chunk.shape[0])
+        distance = _weighted_distance(data, point, x_chunk, w_chunk)
+        new = _smaller(part + ignore_part, distance + ignore_distance)
+        score = _exponentials(words, rows, counters, dtype) / new[None, :]
+        row_index = jnp.broadcast_to(rows.astype(jnp.int32), score.shape)
+
+        def smaller(a, b):
+            # The smaller score; on a tie, the earlier row.
+            take_b = (b[0] < a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
+            return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
+
+        score, row = lax.reduce(
+            (score, row_index),
+            (jnp.array(jnp.inf, score.dtype), jnp.array(data.n_rows, jnp.int32)),
+            smaller,
+            (1,),
+        )
+        best_score, best_row = smaller((best_score, best_row), (score, row))
+        closest = lax.dynamic_update_slice_in_dim(closest, new, start, 0)
+        return (closest, best_score, best_row), None
+
+    dtype_score = jnp.promote_types(dtype, jnp.float32)
+    carry = (
+        closest,
+        jnp.full((n_draws,), jnp.inf, dtype_score),
+        jnp.full((n_draws,), data.n_rows, jnp.int32),
+    )
+    closest, score, row = scan_chunks(
+        data.x, data.sample_weight, chunk_size, step, carry
+    )[0]
+    return closest, row, score < jnp.inf
 
 
 def kmeans_plusplus(
@@ -182,7 +188,9 @@ def kmeans_plusplus(
 
     Returns centres in the data's centred coordinates and their row indices.
     Each new centre is the best of ``2 + log(k)`` candidates drawn with
-    probability proportional to weight times squared distance.
+    probability proportional to weight times squared distance to the
+    closest centre so far (the first centre: one row drawn in proportion to
+    weight).
 
     Memory: one per-row vector, the weighted distance to the closest centre
     so far; weights and distances to candidates are fused into the passes
@@ -195,38 +203,53 @@ def kmeans_plusplus(
     chunk_size = chunk_rows(
         data.n_rows, max(SEEDING_CHUNK_ELEMENTS // data.x.shape[1], 64)
     )
-
-    # Every draw up front, from one small hash kernel (see _uniforms).
-    draws = _uniforms(key, (n_clusters, n_trials), data.x.dtype)
+    words = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
 
     # weight * min(d_1, d_2) = min(weight * d_1, weight * d_2): the weighted
     # distance to the closest centre is all the loop needs to carry. Before
     # the first centre it is the weight itself, so the first centre is drawn
     # with probability proportional to weight by the same code.
+    #
+    # Iteration c scores the candidates drawn for centre c - 1, keeps the
+    # best as that centre, updates the distances with it and, in the same
+    # pass, draws the candidates for centre c. Iteration 0 only draws (its
+    # scores and update are ignored), iteration 1 takes its first candidate
+    # (the first centre is one draw), iteration k's draws go unused. One
+    # loop body, so the passes compile once.
     def add_centre(c, carry):
-        indices, closest = carry
-        candidates, total = _draw_indices(draws[c], closest)
-        # When every usable row already sits on a centre, any of them is one
-        # of the centres: take the first centre's row again (scikit-learn
-        # also falls back to a fixed row there).
-        candidates = jnp.where(total > 0, candidates, indices[0])
+        indices, closest, candidates = carry
 
         def potential(candidate):
             return _potential(data, closest, _row(data, candidate), chunk_size)
 
-        # The first centre is one draw; later ones the best of n_trials. The
-        # trials are vmapped: one pass over the rows scores them all, and it
-        # compiles faster than a loop over them. The first iteration scores
-        # them too and ignores the scores: one pass over x more than needed,
-        # where a cond skipping it compiled 7 more kernels (~80 ms).
+        # The trials are vmapped: one pass over the rows scores them all, and
+        # it compiles faster than a loop over them.
         scores = jax.vmap(potential)(candidates)
-        best = jnp.where(c == 0, candidates[0], candidates[jnp.argmin(scores)])
-        closest = _closer(data, closest, _row(data, best), chunk_size, c == 0)
-        return indices.at[c].set(best), closest
+        best = jnp.where(c <= 1, candidates[0], candidates[jnp.argmin(scores)])
+        indices = indices.at[c].set(best)
+        closest, drawn, found = _closer_and_draw(
+            data,
+            closest,
+            _row(data, best),
+            chunk_size,
+            c == 0,
+            c == 1,
+            words,
+            c * n_trials + jnp.arange(n_trials),
+        )
+        # When every usable row already sits on a centre, any of them is one
+        # of the centres: take the first centre's row again (scikit-learn
+        # also falls back to a fixed row there).
+        candidates = jnp.where(found, drawn, indices[1])
+        return indices, closest, candidates
 
-    indices = jnp.zeros((n_clusters,), jnp.int32)
+    indices = jnp.zeros((n_clusters + 1,), jnp.int32)
     weight = data.weights(data.x, data.sample_weight, data.finite_rows)
-    indices, _ = lax.fori_loop(0, n_clusters, add_centre, (indices, weight))
+    candidates = jnp.zeros((n_trials,), jnp.int32)
+    indices, _, _ = lax.fori_loop(
+        0, n_clusters + 1, add_centre, (indices, weight, candidates)
+    )
+    indices = indices[1:]
     centres = data.centred(jax.vmap(lambda i: _row(data, i))(indices))
     return centres, indices
 

@@ -8,7 +8,7 @@ import pytest
 
 import jaxgmm
 from jaxgmm import _covariance, _init, _linalg
-from jaxgmm._data import chunk_rows, make_data, update_chunks
+from jaxgmm._data import chunk_rows, make_data, reduce_update_chunks
 
 N = 10_001  # 73 * 137: no chunk size in (budget / 2, budget] divides it
 
@@ -20,18 +20,21 @@ def test_chunk_rows_prefers_a_divisor_of_the_row_count():
     assert chunk_rows(0, 4096) == 1
 
 
-def test_update_chunks_writes_every_row_once_including_the_remainder():
+def test_reduce_update_chunks_writes_every_row_once_including_the_remainder():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, 3)).astype(np.float32)
     w = rng.uniform(size=N).astype(np.float32)
     out = rng.uniform(size=N).astype(np.float32)
 
-    def fn(x_chunk, w_chunk, rows, part):
-        return jnp.minimum(part, w_chunk * jnp.sum(x_chunk**2, -1)) + rows
+    def fn(x_chunk, w_chunk, rows):
+        new = w_chunk * jnp.sum(x_chunk**2, -1) + rows
+        return jnp.sum(w_chunk), new
 
-    got = jax.jit(lambda x, w, o: update_chunks(x, w, 1000, fn, o))(x, w, out)
-    expected = np.minimum(out, w * (x**2).sum(-1)) + np.arange(N)
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    total, got = jax.jit(
+        lambda x, w, o: reduce_update_chunks(x, w, 1000, fn, jnp.add, o)
+    )(x, w, out)
+    np.testing.assert_allclose(got, w * (x**2).sum(-1) + np.arange(N), rtol=1e-6)
+    np.testing.assert_allclose(total, w.astype(np.float64).sum(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("n", [7, 16, 199, 200, 1003])
@@ -112,13 +115,20 @@ def test_kmeans_plusplus_passes_match_numpy(weighted_data, chunk_size, weighted)
     np.testing.assert_allclose(
         potential, np.minimum(closest, distance).sum(), rtol=1e-5
     )
-    closer = jax.jit(_init._closer, static_argnums=3)
-    for first, expected in ((False, np.minimum(closest, distance)), (True, distance)):
-        got = closer(
+    closer = jax.jit(_init._closer_and_draw, static_argnums=3)
+    words = jax.random.key_data(jax.random.key(0)).astype(jnp.uint32)
+    modes = (
+        (False, False, np.minimum(closest, distance)),
+        (False, True, distance),
+        (True, False, closest),
+    )
+    for keep, first, expected in modes:
+        got, rows, found = closer(
             data, jnp.asarray(closest, jnp.float32), jnp.asarray(point, jnp.float32),
-            chunk_size, first,
+            chunk_size, keep, first, words, jnp.arange(3),
         )  # fmt: skip
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        assert np.all(found) and np.all(expected[np.asarray(rows)] > 0)
 
 
 @pytest.fixture(scope="module")

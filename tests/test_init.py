@@ -133,83 +133,195 @@ def test_permuting_or_duplicating_rows_gives_the_same_fit(data, covariance_type)
         np.testing.assert_allclose(base.log_likelihood, other.log_likelihood, rtol=1e-5)
 
 
-def test_two_level_inverse_cdf_matches_one_cumulative_sum(monkeypatch):
-    # More than two blocks of SAMPLING_BLOCK rows plus a short last block.
-    # Small integer values keep every float32 partial sum exact, so the
-    # reference (one cumulative sum in float64) must agree index for index.
-    from jaxgmm import _init
-    from jaxgmm._init import SAMPLING_BLOCK, _draw_indices
+def exponentials(key, n_rows, counters, dtype=jnp.float32):
+    from jaxgmm._init import _exponentials
 
-    monkeypatch.setattr(_init, "TWO_LEVEL_MIN_ROWS", 2 * SAMPLING_BLOCK)
-
-    n = 3 * SAMPLING_BLOCK + 123
-    rng = np.random.default_rng(0)
-    values = rng.integers(0, 4, n).astype(np.float32)
-    values[rng.random(n) < 0.5] = 0.0
-    values[-200:] = 0.0  # the tail (part of the last block) is empty
-    u = np.r_[rng.random(500), 0.0, np.nextafter(np.float32(1), np.float32(0))]
-    u = u.astype(np.float32)
-    draw = jax.jit(_draw_indices)
-    got, total = draw(u, values)
-    got = np.asarray(got)
-    assert float(total) == float(values.sum())
-    cumulative = np.cumsum(values.astype(np.float64))
-    target = u * np.float32(cumulative[-1])  # float32, as jaxgmm forms it
-    expected = np.searchsorted(cumulative, target.astype(np.float64), side="right")
-    np.testing.assert_array_equal(got, expected)
-    assert np.all(values[got] > 0)
-    # Zero-valued rows appended at the end change no draw.
-    padded = np.r_[values, np.zeros(5000, np.float32)]
-    np.testing.assert_array_equal(np.asarray(draw(u, padded)[0]), got)
+    words = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
+    return _exponentials(words, jnp.arange(n_rows), jnp.asarray(counters), dtype)
 
 
-def test_seeding_draws_are_uniform_independent_and_follow_the_key():
-    # k-means++ hashes its draws from the key's data (_uniforms), not with
-    # jax.random: check them as a generator, at a significance of 1e-4 each
-    # (the draws are fixed by the keys, so the test is deterministic).
+_exponentials_jit = jax.jit(exponentials, static_argnums=(1, 3))
+
+
+def test_seeding_draws_are_exponential_independent_and_follow_the_key():
+    # k-means++ draws its rows by an exponential race over per-row draws
+    # hashed from the key's data (_exponentials). Checked as a generator at a
+    # significance of 1e-4 each (the draws are fixed by the keys, so the
+    # test is deterministic).
     from scipy import stats
-
-    from jaxgmm._init import _uniforms
 
     n = 100_000
-    draw = jax.jit(lambda k: _uniforms(k, (n,), jnp.float32))
-    u = np.asarray(draw(jax.random.key(0)), np.float64)
-    assert u.dtype == np.float64 and 0.0 <= u.min() and u.max() < 1.0
-    assert stats.kstest(u, "uniform").pvalue > 1e-4
-    # Consecutive draws are independent: uncorrelated, and their pairs fill
-    # a 10 x 10 grid as evenly as chance would (neither less nor, like a
-    # lattice, more: the test is two-sided).
-    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 4.5 / np.sqrt(n)
-    pairs = np.histogram2d(u[:-1:2], u[1::2], bins=10, range=[[0, 1], [0, 1]])[0]
-    assert 1e-4 < stats.chisquare(pairs.ravel()).pvalue < 1 - 1e-4
+    draw = _exponentials_jit(jax.random.key(0), n, jnp.arange(3))
+    e = np.asarray(draw, np.float64)
+    assert draw.dtype == jnp.float32 and e.shape == (3, n) and e.min() > 0
+    for row in e:
+        assert stats.kstest(row, "expon").pvalue > 1e-4
+    # Neighbouring rows and counters are independent: uncorrelated, and their
+    # pairs (as uniforms) fill a 10 x 10 grid as evenly as chance would
+    # (neither less nor, like a lattice, more: the test is two-sided).
+    u = -np.expm1(-e)
+    bound = 4.5 / np.sqrt(n)
+    assert abs(np.corrcoef(u[0, :-1], u[0, 1:])[0, 1]) < bound
+    assert abs(np.corrcoef(u[0], u[1])[0, 1]) < bound
+    for a, b in ((u[0, :-1:2], u[0, 1::2]), (u[0], u[1])):
+        pairs = np.histogram2d(a, b, bins=10, range=[[0, 1], [0, 1]])[0]
+        assert 1e-4 < stats.chisquare(pairs.ravel()).pvalue < 1 - 1e-4
+    # Along the counters, for one row, too.
+    along = np.asarray(_exponentials_jit(jax.random.key(0), 1, jnp.arange(n)))[:, 0]
+    assert stats.kstest(along, "expon").pvalue > 1e-4
     # Same key, same draws; split keys and neighbouring raw keys give
-    # uncorrelated streams (|r| below 4.5 standard errors).
-    np.testing.assert_array_equal(draw(jax.random.key(0)), u.astype(np.float32))
-    others = [jax.random.key(1), *jax.random.split(jax.random.key(0), 2)]
-    for other in others:
-        v = np.asarray(draw(other), np.float64)
-        assert abs(np.corrcoef(u, v)[0, 1]) < 4.5 / np.sqrt(n)
-        assert np.mean(u == v) < 1e-3
+    # uncorrelated streams.
+    np.testing.assert_array_equal(
+        _exponentials_jit(jax.random.key(0), n, jnp.arange(3)), draw
+    )
+    for other in [jax.random.key(1), *jax.random.split(jax.random.key(0), 2)]:
+        v = -np.expm1(-np.asarray(_exponentials_jit(other, n, jnp.arange(3))[0]))
+        assert abs(np.corrcoef(u[0], v)[0, 1]) < bound
+        assert np.mean(u[0] == v) < 1e-3
+    # A draw depends on its row and counter, not on the rows around it.
+    np.testing.assert_array_equal(
+        _exponentials_jit(jax.random.key(0), 1000, jnp.arange(1, 3)),
+        draw[1:, :1000],
+    )
     # vmap over keys draws what each key draws alone.
     keys = jax.random.split(jax.random.key(7), 3)
-    batched = jax.vmap(lambda k: _uniforms(k, (4, 3), jnp.float32))(keys)
-    for k, row in zip(keys, batched):
-        np.testing.assert_array_equal(row, _uniforms(k, (4, 3), jnp.float32))
+    batched = jax.vmap(lambda k: exponentials(k, 5, jnp.arange(3)))(keys)
+    for k, got in zip(keys, batched):
+        np.testing.assert_array_equal(got, exponentials(k, 5, jnp.arange(3)))
 
 
-def test_float64_seeding_draws_use_52_bits(x64):
+def test_seeding_draws_keep_full_precision_near_zero():
+    # The race is decided by the smallest draws (~1/N): there they must not
+    # sit on a coarse grid. Of 2^21 draws, those below 1e-4 (~210) are all
+    # distinct and, scaled by 1e4, uniform (the exponential's density is
+    # flat to 1e-4 there); a 32-bit fixed-point uniform would put them on
+    # ~430,000 grid points (fine), a 24-bit one on 1,678 (ties).
     from scipy import stats
 
-    from jaxgmm._init import _uniforms
+    e = np.asarray(_exponentials_jit(jax.random.key(5), 1 << 21, jnp.arange(1)))[0]
+    small = e[e < 1e-4]
+    expected = (1 << 21) * -np.expm1(-1e-4)
+    assert abs(len(small) - expected) < 4.5 * np.sqrt(expected)
+    assert len(np.unique(small)) == len(small)
+    assert stats.kstest(small * 1e4, "uniform").pvalue > 1e-4
+    # The smallest of them still has its low bits: not a multiple of 2^-24.
+    tiny = np.sort(small)[:20].astype(np.float64)
+    assert np.mean(np.mod(tiny * 2.0**24, 1.0) != 0) > 0.5
 
-    u = np.asarray(_uniforms(jax.random.key(3), (50_000,), jnp.float64))
-    assert u.dtype == np.float64 and 0.0 <= u.min() and u.max() < 1.0
-    assert stats.kstest(u, "uniform").pvalue > 1e-4
-    scaled = u * 2.0**52
-    np.testing.assert_array_equal(scaled, np.round(scaled))
-    # The low 26 bits come from a second word: they are uniform too.
-    low = np.mod(scaled, 2.0**26) / 2.0**26
-    assert stats.kstest(low, "uniform").pvalue > 1e-4
+
+def test_float64_seeding_draws(x64):
+    from scipy import stats
+
+    e = _exponentials_jit(jax.random.key(3), 50_000, jnp.arange(1), jnp.float64)
+    assert e.dtype == jnp.float64
+    assert stats.kstest(np.asarray(e)[0], "expon").pvalue > 1e-4
+
+
+def race(key, closest, chunk_size, n_draws=4):
+    from jaxgmm._data import make_data
+    from jaxgmm._init import _closer_and_draw
+
+    n = closest.shape[0]
+    data, _ = make_data(jnp.zeros((n, 2), jnp.float32), None, 1)
+    words = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
+    _, rows, found = _closer_and_draw(
+        data, closest, jnp.zeros(2), chunk_size, True, False, words,
+        jnp.arange(n_draws) + 3,
+    )  # fmt: skip
+    return rows, found
+
+
+@pytest.mark.parametrize("chunk_size", [60, 1000])
+def test_race_draws_rows_in_proportion_to_distance(chunk_size):
+    # Rows drawn by the race over 2,000 keys x 4 draws follow the values
+    # (chi-square, significance 1e-4), each draw on its own too; rows of
+    # value 0 are never drawn; chunks of 60 rows (4 full chunks and a
+    # remainder of 10) draw exactly what one chunk draws.
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    values = rng.uniform(0.0, 1.0, 250).astype(np.float32) ** 3
+    values[rng.uniform(size=250) < 0.3] = 0.0
+    values[7] = 5.0  # one heavy row
+    closest = jnp.asarray(values)
+    keys = jax.random.split(jax.random.key(1), 2000)
+    draw = jax.jit(jax.vmap(lambda k: race(k, closest, chunk_size)))
+    rows, found = (np.asarray(a) for a in draw(keys))
+    assert found.all()
+    assert np.all(values[rows] > 0)
+    positive = values > 0
+    # Pool the lightest rows so that every expected count is at least 5.
+    order = np.argsort(values[positive])
+    exact = values.astype(np.float64)[positive][order]
+    p = exact / exact.sum()
+
+    def test(counts):
+        counts = counts[positive][order]
+        expected = counts.sum() * p
+        cut = np.searchsorted(np.cumsum(expected), 5.0)
+        observed = np.r_[counts[:cut].sum(), counts[cut:]]
+        expect = np.r_[expected[:cut].sum(), expected[cut:]]
+        return stats.chisquare(observed, expect).pvalue
+
+    assert test(np.bincount(rows.ravel(), minlength=250)) > 1e-4
+    for t in range(rows.shape[1]):
+        assert test(np.bincount(rows[:, t], minlength=250)) > 1e-4
+    # The draws of one key are independent: two draws agree as often as
+    # independent ones would (sum of p^2), within 4.5 standard errors.
+    same = np.mean(rows[:, 0] == rows[:, 1])
+    q = float((p**2).sum())
+    assert abs(same - q) < 4.5 * np.sqrt(q * (1 - q) / len(keys))
+    if chunk_size < 250:
+        whole = jax.jit(jax.vmap(lambda k: race(k, closest, 250)))(keys)[0]
+        np.testing.assert_array_equal(rows, whole)
+
+
+def test_race_reports_when_no_row_can_be_drawn():
+    rows, found = jax.jit(lambda k: race(k, jnp.zeros(100), 30))(jax.random.key(0))
+    assert not np.any(found)
+
+
+def test_kmeans_plus_plus_pairs_follow_the_greedy_rule():
+    # Two centres from 5 weighted rows: the first is drawn in proportion to
+    # weight, the second is the better (lower potential; the earlier draw on
+    # a tie) of 2 + int(log 2) = 2 rows drawn in proportion to weight times
+    # squared distance to the first. The exact pair distribution, summed
+    # over the draws in numpy, against 6,000 keys: chi-square, 1e-4.
+    from itertools import product
+
+    from scipy import stats
+
+    from jaxgmm._data import make_data
+    from jaxgmm._init import kmeans_plusplus
+
+    x = np.array([[0, 0], [1, 0], [0, 2], [4, 1], [5, 5]], np.float64)
+    w = np.array([1.0, 3.0, 2.0, 1.0, 0.5])
+    n = len(x)
+    d2 = ((x[:, None] - x[None]) ** 2).sum(-1)
+    expected = np.zeros((n, n))
+    for i in range(n):
+        closest = w * d2[i]
+        q = closest / closest.sum()
+        potential = np.minimum(closest[None], w * d2).sum(1)
+        for a, b in product(range(n), repeat=2):
+            second = a if potential[a] <= potential[b] else b
+            expected[i, second] += w[i] / w.sum() * q[a] * q[b]
+
+    def pair(key):
+        data, _ = make_data(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), 2)
+        return kmeans_plusplus(key, data, 2)[1]
+
+    keys = jax.random.split(jax.random.key(2), 6000)
+    got = np.asarray(jax.jit(jax.vmap(pair))(keys))
+    counts = np.zeros((n, n))
+    np.add.at(counts, (got[:, 0], got[:, 1]), 1)
+    assert np.all(counts[expected == 0] == 0)
+    keep = expected > 0
+    observed, expect = counts[keep], 6000 * expected[keep]
+    big = expect >= 5
+    observed = np.r_[observed[big], observed[~big].sum()]
+    expect = np.r_[expect[big], expect[~big].sum()]
+    assert stats.chisquare(observed, expect).pvalue > 1e-4
 
 
 def test_first_kmeans_plus_plus_centre_is_drawn_in_proportion_to_weight():

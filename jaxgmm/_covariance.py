@@ -341,7 +341,8 @@ class Full(CovarianceStructure):
         covariances = scatter / counts[:, None, None] - (
             offsets[:, :, None] * offsets[:, None, :]
         )
-        covariances = _linalg.symmetrise(covariances)
+        # Exactly symmetric already (the scatter is built from its upper
+        # triangle, and a_i a_j == a_j a_i): no symmetrising pass.
         covariances = covariances + reg_covar * jnp.eye(d, dtype=covariances.dtype)
         return _linalg.cap_condition(covariances, max_condition)
 

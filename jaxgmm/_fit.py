@@ -18,7 +18,7 @@ from ._covariance import structure_for
 from ._data import Data, data_status, make_data
 from ._gmm import GMM, as_array, is_concrete, isotropic_gmm, prepare_x
 from ._init import check_init, initial_gmm
-from ._linalg import all_finite, is_finite
+from ._linalg import is_finite, vector_finite
 from ._stats import em_iteration
 from ._status import MESSAGES, Status
 
@@ -220,8 +220,10 @@ def _fit(
             lambda leaf: leaf[best], runs
         )
     gmm = shift_means(gmm, data.centre)
-    finite = jnp.all(
-        jnp.array([all_finite(leaf, axis=None) for leaf in jax.tree.leaves(gmm)])
+    # One test over every parameter: one small kernel rather than a
+    # reduction per leaf and their conjunction.
+    finite = vector_finite(
+        jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(gmm)])
     )
     status = jnp.where(
         (status == Status.success) & ~finite, Status.nonfinite_parameters, status

@@ -163,3 +163,23 @@ def test_non_finite_rows_in_every_chunk_count_as_absent(many_features, covarianc
     for a, b in zip(jax.tree.leaves(got.gmm), jax.tree.leaves(expected.gmm)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.history, expected.history, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [21, 4368])
+def test_finiteness_tests_find_every_non_finite_entry(n):
+    # The fit's parameter check (a dot product of v * 0 with ones) and the
+    # row-wise sum: one NaN, +inf or -inf anywhere is found, and the
+    # largest finite values (whose squares overflow) are not flagged.
+    rng = np.random.default_rng(n)
+    v = (rng.normal(size=n) * 3e38).clip(-3.4e38, 3.4e38).astype(np.float32)
+    check = jax.jit(_linalg.vector_finite)
+    rows = jax.jit(_linalg.all_finite)
+    assert bool(check(v)) and bool(rows(v.reshape(-1, 1 if n == 21 else 16)).all())
+    for position in {0, 1, n // 2, n - 2, n - 1}:
+        for bad in (np.nan, np.inf, -np.inf):
+            w = v.copy()
+            w[position] = bad
+            assert not bool(check(w))
+            w2 = w.reshape(-1, 1 if n == 21 else 16)
+            expected = np.isfinite(w2).all(-1)
+            np.testing.assert_array_equal(rows(w2), expected)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from functools import partial
 
@@ -261,36 +260,6 @@ def _divisor_block(axis_size: int, block: int) -> int:
     return block
 
 
-def _pack(out: FitResult, max_iter: int):
-    """Every leaf of one fit's result in one flat float vector (integers and
-    booleans exactly), and what :func:`_unpack` needs to undo it.
-
-    ``lax.map`` writes each output leaf of a block into its stacked result
-    with a kernel of its own: one vector is one kernel instead of eight
-    (~80 KB less LLVM IR to compile for the batched fit).
-    """
-    leaves, treedef = jax.tree.flatten(out)
-    dtype = out.gmm.weights.dtype
-    if max_iter >= 2 ** (jnp.finfo(dtype).nmant + 1):  # counts must stay exact
-        return out, None
-    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
-    return flat, (treedef, [(leaf.shape, leaf.dtype) for leaf in leaves])
-
-
-def _unpack(packed, structure):
-    """The stacked results from the ``(batch, size)`` output of :func:`_pack`."""
-    if structure is None:
-        return packed
-    treedef, shapes = structure
-    leaves, start = [], 0
-    for shape, dtype in shapes:
-        size = math.prod(shape)
-        leaf = packed[:, start : start + size].reshape((-1, *shape))
-        leaves.append(leaf != 0 if dtype == jnp.bool_ else leaf.astype(dtype))
-        start += size
-    return jax.tree.unflatten(treedef, leaves)
-
-
 @functools.lru_cache(maxsize=256)
 def _batchable_fit(n_rows: int, n_features: int, **static):
     """``_fit`` with a vmap rule that runs a batch in cache-sized blocks.
@@ -313,18 +282,12 @@ def _batchable_fit(n_rows: int, n_features: int, **static):
         flags = jax.tree.leaves(in_batched)
         mapped = [leaf for leaf, batched in zip(leaves, flags) if batched]
 
-        layout = []
-
         def one(mapped_leaves):
             supply = iter(mapped_leaves)
             full = [next(supply) if b else leaf for leaf, b in zip(leaves, flags)]
-            out = run(*jax.tree.unflatten(treedef, full))
-            packed, structure = _pack(out, static["max_iter"])
-            layout.append(structure)
-            return packed
+            return run(*jax.tree.unflatten(treedef, full))
 
-        packed = lax.map(one, mapped, batch_size=_divisor_block(axis_size, block))
-        out = _unpack(packed, layout[0])
+        out = lax.map(one, mapped, batch_size=_divisor_block(axis_size, block))
         return out, jax.tree.map(lambda _: True, out)
 
     return fit_one

@@ -167,8 +167,7 @@ def test_vmapped_fits_run_in_blocks_and_equal_separate_fits(monkeypatch):
             alone = jaxgmm.fit(keys[i], xs[i], 3, max_iter=20)
             row = jax.tree.map(lambda leaf, i=i: leaf[i], batch)
             assert_trees_close(row, alone, 1e-4, 1e-4)
-            # The blocks' results travel packed in one float vector: every
-            # leaf comes back with its dtype, counts and flags exactly.
+            # Every leaf comes back with its dtype, counts and flags exactly.
             for got, want in zip(jax.tree.leaves(row), jax.tree.leaves(alone)):
                 assert got.dtype == want.dtype and got.shape == want.shape
             assert int(row.n_iter) == int(alone.n_iter)

@@ -120,6 +120,13 @@ def _exponentials(
     return -jnp.log1p(-v)
 
 
+def _race_winner(a, b):
+    """Of two ``(score, row)`` pairs, the smaller score; on a tie, the
+    earlier row (a global argmin, whatever the chunking)."""
+    take_b = (b[0] < a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
+    return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
+
+
 def _closer_and_draw(
     data: Data, closest, point, chunk_size: int, keep, first, words, counters
 ) -> tuple[Array, Int[Array, " t"], Bool[Array, " t"]]:
@@ -153,19 +160,13 @@ def _closer_and_draw(
         new = _smaller(part + ignore_part, distance + ignore_distance)
         score = _exponentials(words, rows, counters, dtype) / new[None, :]
         row_index = jnp.broadcast_to(rows.astype(jnp.int32), score.shape)
-
-        def smaller(a, b):
-            # The smaller score; on a tie, the earlier row.
-            take_b = (b[0] < a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
-            return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
-
         score, row = lax.reduce(
             (score, row_index),
             (jnp.array(jnp.inf, score.dtype), jnp.array(data.n_rows, jnp.int32)),
-            smaller,
+            _race_winner,
             (1,),
         )
-        best_score, best_row = smaller((best_score, best_row), (score, row))
+        best_score, best_row = _race_winner((best_score, best_row), (score, row))
         closest = lax.dynamic_update_slice_in_dim(closest, new, start, 0)
         return (closest, best_score, best_row), None
 

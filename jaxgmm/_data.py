@@ -57,6 +57,30 @@ def _identity(combine, shape: jax.ShapeDtypeStruct) -> Array:
     return jnp.full(shape.shape, value, shape.dtype)
 
 
+def reduce_rows(operands, ops) -> tuple:
+    """``ops[i]`` (``jnp.add`` or ``jnp.minimum``) of ``operands[i]`` over
+    their leading (row) axis, for two or more operands of one shape, as one
+    variadic reduction.
+
+    XLA:CPU rewrites a single-operand reduction over more than 32 values into
+    a tree of reduce-window kernels (three for 200 rows, each compiled
+    separately); variadic reductions are exempt and fuse with the code that
+    produces their operands, so each such pass is one kernel. For passes made
+    once per fit, where compile time matters and run time does not.
+    """
+    operands = tuple(operands)
+    if len(operands) < 2:
+        raise ValueError("`operands` must hold at least two arrays")
+    identities = tuple(
+        _identity(op, jax.ShapeDtypeStruct((), a.dtype)) for op, a in zip(ops, operands)
+    )
+
+    def combine(a, b):
+        return tuple(op(u, v) for op, u, v in zip(ops, a, b))
+
+    return tuple(lax.reduce(operands, identities, combine, (0,)))
+
+
 def _chunk_at(x, sample_weight, start, size: int):
     """Rows ``[start, start + size)``: ``(x, sample_weight or None, row_index)``."""
     x_chunk = lax.dynamic_slice_in_dim(x, start, size)
@@ -195,6 +219,8 @@ class Data(eqx.Module):
     sample_weight: Float[Array, " n"] | None  # None: every row has weight 1
     centre: Float[Array, " d"]
     variance: Float[Array, " d"]
+    #: Sum of the effective row weights (found with the centre, once per fit).
+    total_weight: Float[Array, ""]
     unit_weights: Bool[Array, ""]
     #: ``(N,)``: whether each row of ``x`` is finite, found once per fit so
     #: that no pass tests every entry again (None once ``prepared``).
@@ -288,19 +314,30 @@ def _survey(
     n, d = x.shape
 
     def first(mask, rows):
-        return jnp.min(jnp.where(mask, rows, n))
+        return jnp.where(mask, rows, n).astype(jnp.int32)
+
+    def count(mask):
+        return mask.astype(jnp.int32)
+
+    add, least = jnp.add, jnp.minimum
 
     def chunk(x_chunk, w_chunk, rows):
         finite = all_finite(x_chunk)
         if w_chunk is None:
-            return (jnp.sum(~finite), jnp.int32(0), first(finite, rows)), finite
+            nonfinite, first_finite = reduce_rows(
+                (count(~finite), first(finite, rows)), (add, least)
+            )
+            return (nonfinite, jnp.int32(0), first_finite), finite
         positive = finite & (w_chunk > 0) & is_finite(w_chunk)
-        return (
-            jnp.sum(~finite & (w_chunk != 0)),
-            jnp.sum(~is_finite(w_chunk) | (w_chunk < 0)),
-            first(finite, rows),
-            first(positive, rows),
-            jnp.sum(positive),
+        return reduce_rows(
+            (
+                count(~finite & (w_chunk != 0)),
+                count(~is_finite(w_chunk) | (w_chunk < 0)),
+                first(finite, rows),
+                first(positive, rows),
+                count(positive),
+            ),
+            (add, add, least, least, add),
         ), finite
 
     out, finite_rows = reduce_update_chunks(
@@ -357,18 +394,22 @@ def make_data(
     first = jnp.where(unit, first_finite, first_positive)
     first = jnp.where(first < n, first, 0)
     anchor = jnp.where(is_finite(x[first]), x[first], 0.0)
-    data = Data(x, sample_weight, anchor, zeros, unit, finite, chunk)
-    total, first, second = data.sum(
-        lambda xc, w, _: (
-            jnp.sum(w),
-            jnp.sum(w[:, None] * xc, axis=0),
-            jnp.sum(w[:, None] * xc**2, axis=0),
+    data = Data(x, sample_weight, anchor, zeros, zeros[0], unit, finite, chunk)
+
+    def moments(xc, w, _):
+        w = w[:, None]
+        # One reduction for the three sums: w is repeated along the features.
+        total, first, second = reduce_rows(
+            (jnp.broadcast_to(w, xc.shape), w * xc, w * xc**2), (jnp.add,) * 3
         )
-    )
-    total = jnp.maximum(total, jnp.finfo(x.dtype).tiny)
-    offset = first / total
-    variance = jnp.maximum(second / total - offset**2, 0.0)
-    data = Data(x, sample_weight, anchor + offset, variance, unit, finite, chunk)
+        return total[0], first, second
+
+    total, first, second = data.sum(moments)
+    safe_total = jnp.maximum(total, jnp.finfo(x.dtype).tiny)
+    offset = first / safe_total
+    variance = jnp.maximum(second / safe_total - offset**2, 0.0)
+    centre = anchor + offset
+    data = Data(x, sample_weight, centre, variance, total, unit, finite, chunk)
     if chunk < n:
         return data, status
     # A data set that fits in one chunk is centred and masked once here, not
@@ -376,5 +417,5 @@ def make_data(
     # several passes over the batch per iteration. Memory is one chunk.
     xc, weight = data.rows(x, sample_weight, jnp.arange(n))
     return Data(
-        xc, weight, anchor + offset, variance, unit, None, chunk, prepared=True
+        xc, weight, centre, variance, total, unit, None, chunk, prepared=True
     ), status

@@ -127,6 +127,13 @@ def _race_winner(a, b):
     return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
 
 
+def _first_smallest(a, b):
+    """Of two ``(score, order, value)`` triples, the smaller score; on a tie,
+    the lower order."""
+    take_b = (b[0] < a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
+    return tuple(jnp.where(take_b, v, u) for u, v in zip(a, b))
+
+
 def _closer_and_draw(
     data: Data, closest, point, chunk_size: int, keep, first, words, counters
 ) -> tuple[Array, Int[Array, " t"], Bool[Array, " t"]]:
@@ -226,8 +233,18 @@ def kmeans_plusplus(
         # The trials are vmapped: one pass over the rows scores them all, and
         # it compiles faster than a loop over them.
         scores = jax.vmap(potential)(candidates)
-        best = jnp.where(c <= 1, candidates[0], candidates[jnp.argmin(scores)])
-        indices = indices.at[c].set(best)
+        # The candidate of least potential (the first on a tie), carried
+        # through the reduction rather than gathered after an argmin, and
+        # written without a scatter's index checks: each spares kernels.
+        trial = jnp.arange(n_trials, dtype=jnp.int32)
+        _, _, best = lax.reduce(
+            (scores, trial, candidates),
+            (jnp.array(jnp.inf, scores.dtype), jnp.int32(n_trials), jnp.int32(0)),
+            _first_smallest,
+            (0,),
+        )
+        best = jnp.where(c <= 1, candidates[0], best)
+        indices = lax.dynamic_update_index_in_dim(indices, best, c, 0)
         closest, drawn, found = _closer_and_draw(
             data,
             closest,
@@ -265,10 +282,7 @@ def lloyd(
     An empty cluster keeps its centre.
     """
     n_clusters = centres.shape[0]
-    total, first, second = data.sum(lambda xc, w, _: (jnp.sum(w), w @ xc, w @ (xc**2)))
-    total = jnp.maximum(total, jnp.finfo(centres.dtype).tiny)
-    variance = jnp.maximum(second / total - (first / total) ** 2, 0.0)
-    tolerance = tol * jnp.mean(variance)
+    tolerance = tol * jnp.mean(data.variance)
 
     def update(centres):
         def chunk(xc, w, _):
@@ -351,11 +365,11 @@ def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
     def chunk(xc, w, rows):
         weighted = resp_fn(xc, rows) * w[None, :]
         features = structure.row_features(xc)
-        counts, sums, scatter = structure.moments(features, weighted, shift)
-        return counts, sums, scatter, jnp.sum(w)
+        return structure.moments(features, weighted, shift)
 
-    counts, sums, scatter, total = data.sum(chunk)
-    return Stats(counts, sums, scatter, shift, jnp.zeros((), total.dtype), total)
+    counts, sums, scatter = data.sum(chunk)
+    zero = jnp.zeros((), counts.dtype)
+    return Stats(counts, sums, scatter, shift, zero, data.total_weight)
 
 
 def initial_gmm(

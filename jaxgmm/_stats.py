@@ -112,10 +112,11 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         weighted = unnormalised * scale[None, :]
         counts, sums, scatter = structure.moments(features, weighted, shift)
         log_likelihood = jnp.sum(jnp.where(weight > 0, weight * log_norm, 0.0))
-        return counts, sums, scatter, log_likelihood, jnp.sum(weight)
+        return counts, sums, scatter, log_likelihood
 
-    counts, sums, scatter, log_likelihood, total = data.sum(chunk)
-    return Stats(counts, sums, scatter, shift, log_likelihood, total)
+    counts, sums, scatter, log_likelihood = data.sum(chunk)
+    # The total weight does not change between iterations: make_data found it.
+    return Stats(counts, sums, scatter, shift, log_likelihood, data.total_weight)
 
 
 def mean_log_likelihood(stats: Stats) -> Array:

@@ -19,7 +19,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ._covariance import structure_for
 from ._data import Data, chunk_rows, reduce_chunks, scan_chunks
 from ._gmm import GMM, isotropic_gmm
-from ._linalg import is_finite
+from ._linalg import is_finite, vector_sum
 from ._stats import Stats, m_step
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
@@ -65,7 +65,7 @@ def _potential(data: Data, closest, point, chunk_size: int) -> Array:
     def partial(x_chunk, w_chunk, rows):
         part = lax.dynamic_slice_in_dim(closest, rows[0], rows.shape[0])
         distance = _weighted_distance(data, point, x_chunk, w_chunk)
-        return jnp.sum(_smaller(part, distance))
+        return vector_sum(_smaller(part, distance))
 
     return reduce_chunks(data.x, data.sample_weight, chunk_size, partial, jnp.add)
 
@@ -165,6 +165,11 @@ def _closer_and_draw(
         part = lax.dynamic_slice_in_dim(closest, start, x_chunk.shape[0])
         distance = _weighted_distance(data, point, x_chunk, w_chunk)
         new = _smaller(part + ignore_part, distance + ignore_distance)
+        # Written back first, then read back for the draws: when both read
+        # the old values, XLA copies the (N,) buffer twice per chunk so that
+        # the in-place update cannot overtake the read.
+        closest = lax.dynamic_update_slice_in_dim(closest, new, start, 0)
+        new = lax.dynamic_slice_in_dim(closest, start, x_chunk.shape[0])
         score = _exponentials(words, rows, counters, dtype) / new[None, :]
         row_index = jnp.broadcast_to(rows.astype(jnp.int32), score.shape)
         score, row = lax.reduce(
@@ -174,7 +179,6 @@ def _closer_and_draw(
             (1,),
         )
         best_score, best_row = _race_winner((best_score, best_row), (score, row))
-        closest = lax.dynamic_update_slice_in_dim(closest, new, start, 0)
         return (closest, best_score, best_row), None
 
     dtype_score = jnp.promote_types(dtype, jnp.float32)

@@ -240,6 +240,18 @@ def vector_finite(v: Float[Array, " n"]) -> Array:
     return is_finite(jnp.dot(v * 0, jnp.ones_like(v)))
 
 
+def vector_sum(v: Float[Array, " n"]) -> Array:
+    """``jnp.sum(v)`` as a dot product with ones: one kernel where XLA:CPU
+    would compile a sum of more than 32 values into a tree of reduction
+    kernels (and under ``vmap``, a matrix-vector product).
+
+    Example:
+        >>> vector_sum(jnp.arange(100.0))
+        Array(4950., dtype=float32)
+    """
+    return jnp.dot(v, jnp.ones_like(v))
+
+
 def transpose(a: Array) -> Array:
     return jnp.swapaxes(a, -1, -2)
 

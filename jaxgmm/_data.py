@@ -219,7 +219,8 @@ class Data(eqx.Module):
     sample_weight: Float[Array, " n"] | None  # None: every row has weight 1
     centre: Float[Array, " d"]
     variance: Float[Array, " d"]
-    #: Sum of the effective row weights (found with the centre, once per fit).
+    #: Sum of the effective row weights, at least the smallest normal float
+    #: so that it divides (found with the centre, once per fit).
     total_weight: Float[Array, ""]
     unit_weights: Bool[Array, ""]
     #: ``(N,)``: whether each row of ``x`` is finite, found once per fit so
@@ -405,9 +406,9 @@ def make_data(
         return total[0], first, second
 
     total, first, second = data.sum(moments)
-    safe_total = jnp.maximum(total, jnp.finfo(x.dtype).tiny)
-    offset = first / safe_total
-    variance = jnp.maximum(second / safe_total - offset**2, 0.0)
+    total = jnp.maximum(total, jnp.finfo(x.dtype).tiny)
+    offset = first / total
+    variance = jnp.maximum(second / total - offset**2, 0.0)
     centre = anchor + offset
     data = Data(x, sample_weight, centre, variance, total, unit, finite, chunk)
     if chunk < n:

@@ -124,6 +124,13 @@ def mean_log_likelihood(stats: Stats) -> Array:
     return stats.log_likelihood / jnp.maximum(stats.total_weight, tiny)
 
 
+def _data_mean_log_likelihood(stats: Stats, data: Data) -> Array:
+    """:func:`mean_log_likelihood` for stats of ``data``, whose total weight
+    is already positive: nothing loop-invariant for XLA to hoist out of the
+    EM loop into a kernel of its own."""
+    return stats.log_likelihood / data.total_weight
+
+
 def m_step(
     stats: Stats,
     previous: GMM,
@@ -156,7 +163,9 @@ def m_step(
         stats.scatter, counts, offsets, reg_covar, max_condition
     )
     precisions_cholesky = structure.precisions_cholesky_from_covariances(covariances)
-    empty = stats.counts <= stats.total_weight * eps
+    # counts / eps (a power of two: exact) rather than total * eps, which
+    # XLA would hoist out of the EM loop into a kernel of its own.
+    empty = stats.counts * (1 / eps) <= stats.total_weight
     keep = empty | ~_linalg.all_finite(means)
     means = jnp.where(keep[:, None], previous.means, means)
     precisions_cholesky = structure.keep_previous(
@@ -171,4 +180,5 @@ def m_step(
 def em_iteration(gmm: GMM, data: Data, reg_covar, max_condition) -> tuple[GMM, Array]:
     """One EM iteration: ``(new_gmm, mean log-likelihood of gmm)``."""
     stats = e_step_stats(gmm, data)
-    return m_step(stats, gmm, reg_covar, max_condition), mean_log_likelihood(stats)
+    log_likelihood = _data_mean_log_likelihood(stats, data)
+    return m_step(stats, gmm, reg_covar, max_condition), log_likelihood

@@ -8,7 +8,7 @@ import pytest
 
 import jaxgmm
 from jaxgmm import _covariance, _init, _linalg
-from jaxgmm._data import chunk_rows, make_data, reduce_update_chunks
+from jaxgmm._data import chunk_rows, make_data, reduce_rows, reduce_update_chunks
 
 N = 10_001  # 73 * 137: no chunk size in (budget / 2, budget] divides it
 
@@ -18,6 +18,25 @@ def test_chunk_rows_prefers_a_divisor_of_the_row_count():
     assert chunk_rows(N, 4096) == 4096  # no divisor in range: a remainder
     assert chunk_rows(300, 4096) == 300  # small data: one chunk
     assert chunk_rows(0, 4096) == 1
+
+
+def test_reduce_rows_adds_and_minimises_each_operand_in_one_reduction():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(300, 4)).astype(np.float32)
+    index = rng.integers(0, 1000, size=(300, 4)).astype(np.int32)
+    total, least = reduce_rows((values, index), (jnp.add, jnp.minimum))
+    np.testing.assert_allclose(total, values.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(least, index.min(0))
+    assert least.dtype == jnp.int32
+    with pytest.raises(ValueError, match="operands"):
+        reduce_rows((values,), (jnp.add,))
+
+
+def test_vector_sum_matches_numpy():
+    v = np.random.default_rng(4).normal(size=1000)
+    np.testing.assert_allclose(
+        _linalg.vector_sum(jnp.asarray(v)), v.sum(), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_reduce_update_chunks_writes_every_row_once_including_the_remainder():

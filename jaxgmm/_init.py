@@ -121,15 +121,9 @@ def _exponentials(
 
 
 def _race_winner(a, b):
-    """Of two ``(score, row)`` pairs, the smaller score; on a tie, the
-    earlier row (a global argmin, whatever the chunking)."""
-    take_b = (b[0] < a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
-    return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
-
-
-def _first_smallest(a, b):
-    """Of two ``(score, order, value)`` triples, the smaller score; on a tie,
-    the lower order."""
+    """Of two ``(score, order, *values)`` tuples, the one of smaller score;
+    on a tie, the one of lower order (for ``(score, row)`` pairs: a global
+    argmin, whatever the chunking, the earlier row on a tie)."""
     take_b = (b[0] < a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))
     return tuple(jnp.where(take_b, v, u) for u, v in zip(a, b))
 
@@ -244,7 +238,7 @@ def kmeans_plusplus(
         _, _, best = lax.reduce(
             (scores, trial, candidates),
             (jnp.array(jnp.inf, scores.dtype), jnp.int32(n_trials), jnp.int32(0)),
-            _first_smallest,
+            _race_winner,
             (0,),
         )
         best = jnp.where(c <= 1, candidates[0], best)

@@ -119,18 +119,6 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
     return Stats(counts, sums, scatter, shift, log_likelihood, data.total_weight)
 
 
-def mean_log_likelihood(stats: Stats) -> Array:
-    tiny = jnp.finfo(stats.counts.dtype).tiny
-    return stats.log_likelihood / jnp.maximum(stats.total_weight, tiny)
-
-
-def _data_mean_log_likelihood(stats: Stats, data: Data) -> Array:
-    """:func:`mean_log_likelihood` for stats of ``data``, whose total weight
-    is already positive: nothing loop-invariant for XLA to hoist out of the
-    EM loop into a kernel of its own."""
-    return stats.log_likelihood / data.total_weight
-
-
 def m_step(
     stats: Stats,
     previous: GMM,
@@ -180,5 +168,6 @@ def m_step(
 def em_iteration(gmm: GMM, data: Data, reg_covar, max_condition) -> tuple[GMM, Array]:
     """One EM iteration: ``(new_gmm, mean log-likelihood of gmm)``."""
     stats = e_step_stats(gmm, data)
-    log_likelihood = _data_mean_log_likelihood(stats, data)
+    # make_data keeps the total weight positive, so it divides as it is.
+    log_likelihood = stats.log_likelihood / data.total_weight
     return m_step(stats, gmm, reg_covar, max_condition), log_likelihood

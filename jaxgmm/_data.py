@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from ._linalg import all_finite, is_finite
+from ._linalg import all_finite, is_finite, variadic_reduce
 from ._status import Status
 
 # Budget (elements) for one chunk's temporaries. A row needs at most
@@ -71,14 +71,10 @@ def reduce_rows(operands, ops) -> tuple:
     operands = tuple(operands)
     if len(operands) < 2:
         raise ValueError("`operands` must hold at least two arrays")
-    identities = tuple(
+    identities = [
         _identity(op, jax.ShapeDtypeStruct((), a.dtype)) for op, a in zip(ops, operands)
-    )
-
-    def combine(a, b):
-        return tuple(op(u, v) for op, u, v in zip(ops, a, b))
-
-    return tuple(lax.reduce(operands, identities, combine, (0,)))
+    ]
+    return variadic_reduce(operands, identities, ops, 0)
 
 
 def _chunk_at(x, sample_weight, start, size: int):

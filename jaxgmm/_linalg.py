@@ -61,15 +61,19 @@ def sums_over_rows(terms: list[Array], min_rows: int = ROW_SPLIT_MIN) -> list[Ar
     return sums_over_rows(partial, ROW_SPLIT_AGAIN_MIN)
 
 
+def variadic_reduce(operands, identities, ops, axis: int) -> tuple:
+    """``ops[i]`` of ``operands[i]`` along ``axis`` (starting from
+    ``identities[i]``), every operand in one variadic ``lax.reduce``."""
+
+    def combine(a, b):
+        return tuple(op(u, v) for op, u, v in zip(ops, a, b))
+
+    return tuple(lax.reduce(tuple(operands), tuple(identities), combine, (axis,)))
+
+
 def _variadic_sum(terms: list[Array], axis: int) -> list[Array]:
-    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
-    out = lax.reduce(
-        tuple(terms),
-        zeros,
-        lambda a, b: tuple(u + v for u, v in zip(a, b)),
-        (axis,),
-    )
-    return list(out)
+    zeros = [jnp.zeros((), t.dtype) for t in terms]
+    return list(variadic_reduce(terms, zeros, [jnp.add] * len(terms), axis))
 
 
 def _upper_indices(d: int):
@@ -237,7 +241,7 @@ def vector_finite(v: Float[Array, " n"]) -> Array:
         >>> vector_finite(jnp.array([1.0, jnp.nan]))
         Array(False, dtype=bool)
     """
-    return is_finite(jnp.dot(v * 0, jnp.ones_like(v)))
+    return is_finite(vector_sum(v * 0))
 
 
 def vector_sum(v: Float[Array, " n"]) -> Array:

@@ -162,6 +162,36 @@ def blas_info() -> list[dict[str, Any]]:
     return [{k: info.get(k) for k in keys} for info in threadpool_info()]
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """``(steal, total)`` CPU time of the whole machine so far, in clock
+    ticks, from ``/proc/stat`` (None where it does not exist).
+
+    Steal time is time this VM's virtual CPUs were ready to run but the host
+    ran someone else: the main reason the same benchmark is up to ~2x slower
+    in one hour than in another here.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [
+        int(v) for v in fields[1:9]
+    ]  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
+
+
+def steal_share(start: tuple[int, int] | None) -> float | None:
+    """Share of the machine's CPU time stolen by the host since ``start``
+    (a :func:`cpu_times` reading), counting busy and idle time alike."""
+    now = cpu_times()
+    if start is None or now is None or now[1] <= start[1]:
+        return None
+    return (now[0] - start[0]) / (now[1] - start[1])
+
+
 def environment() -> dict[str, Any]:
     import jax
     import numpy as np
@@ -182,6 +212,8 @@ def environment() -> dict[str, Any]:
         "devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        # finish() turns this reading into env["cpu_steal_share"].
+        "cpu_times_at_start": cpu_times(),
         "git_commit": commit,
         "jaxgmm_source": str(source),
         "jaxgmm_uncommitted_changes": dirty,
@@ -476,11 +508,24 @@ def finish(
     ``summary`` rows are ``{"metric", "value", "unit"}`` dicts shown by
     run_all.py next to the targets (ratios, medians, compile times).
     """
+    steal = steal_share(env.get("cpu_times_at_start"))
+    env["cpu_steal_share"] = steal
+    if steal is not None:
+        print(
+            f"CPU time stolen by the VM's host during this run: {100 * steal:.1f}%"
+            " (time the virtual CPUs were ready but not running; a slow hour"
+            " shows up here)"
+        )
     line = {
         "benchmark": benchmark,
         "quick": bool(args.quick),
         "targets": list(targets),
-        "summary": list(summary),
+        "summary": list(summary)
+        + (
+            []
+            if steal is None
+            else [{"metric": "CPU steal", "value": 100 * steal, "unit": "%"}]
+        ),
     }
     print(SUMMARY_PREFIX + json.dumps(line, default=_json_default), flush=True)
     save_result(benchmark, args, env, results, targets)

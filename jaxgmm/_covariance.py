@@ -282,6 +282,12 @@ class Full(CovarianceStructure):
 
     @staticmethod
     def log_det_precisions_cholesky(precisions_cholesky, n_components, n_features):
+        d = precisions_cholesky.shape[-1]
+        if d <= _linalg.UNROLL_MAX_DIM:
+            # One elementwise log per diagonal entry. The masked row sum below
+            # puts a reduction in the logs' loop, which then runs one scalar
+            # log at a time: ~5% of the EM time of 10,000 vmapped D=2 fits.
+            return sum(jnp.log(precisions_cholesky[..., i, i]) for i in range(d))
         # The diagonal as a masked row sum (adding zeros is exact), not
         # jnp.diagonal's gather: fused with the logs into the E-step, the
         # gather's kernel is the largest of a whole fit (~110 KB of LLVM IR

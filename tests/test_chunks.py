@@ -202,3 +202,43 @@ def test_finiteness_tests_find_every_non_finite_entry(n):
             w2 = w.reshape(-1, 1 if n == 21 else 16)
             expected = np.isfinite(w2).all(-1)
             np.testing.assert_array_equal(rows(w2), expected)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_stored_features_give_the_statistics_of_chunked_features(
+    many_features, covariance_type
+):
+    # Data.with_stored_features: [x, x**2] of the centred, masked rows once
+    # per fit; the E-step statistics equal those of per-chunk features, with
+    # zero weights and a non-finite row counted as absent.
+    from jaxgmm._data import make_data
+    from jaxgmm._stats import e_step_stats
+
+    structure = _covariance.structure_for(covariance_type)
+    x = many_features.copy()
+    x[7000, 1] = np.nan
+    weight = np.random.default_rng(5).uniform(size=N).astype(np.float32)
+    weight[:50] = 0.0
+    data, _ = make_data(jnp.asarray(x), jnp.asarray(weight), 3)
+    stored = data.with_stored_features(structure, budget=2 * 6 * N)
+    assert stored.stored_features and stored.x.shape == (N, 12)
+    assert data.with_stored_features(structure, budget=2 * 6 * N - 1) is data
+    full = _covariance.structure_for("full")
+    assert data.with_stored_features(full, budget=1 << 30) is data
+
+    gmm = jaxgmm.fit(
+        jax.random.key(0), many_features[:2000], 3, covariance_type=covariance_type
+    ).gmm
+    gmm = jaxgmm.GMM.from_precisions_cholesky(
+        gmm.weights,
+        gmm.means - data.centre,
+        gmm.precisions_cholesky,
+        covariance_type,
+    )
+    chunked = jax.jit(e_step_stats)(gmm, data)
+    from_stored = jax.jit(e_step_stats)(gmm, stored)
+    for a, b in zip(jax.tree.leaves(from_stored), jax.tree.leaves(chunked)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-3)
+    np.testing.assert_allclose(
+        chunked.total_weight, weight.sum() - weight[7000], rtol=1e-5
+    )

@@ -176,3 +176,40 @@ def test_sample_weight_equals_repeating_rows(dataset):
     np.testing.assert_allclose(
         weighted.log_likelihood, reference.lower_bound_, rtol=1e-9
     )
+
+
+@pytest.fixture(scope="module")
+def many_rows(x64_module):
+    # 10,001 rows of 6 features: two 4,096-row chunks and a remainder, with
+    # the matrix-product form of the E-step (and, for diag and spherical,
+    # features computed once per fit, see _fit.STORED_FEATURES_BUDGET).
+    rng = np.random.default_rng(11)
+    centres = rng.normal(scale=3.0, size=(3, 6))
+    scales = rng.uniform(0.5, 2.0, size=(3, 6))
+    labels = rng.integers(0, 3, 10_001)
+    return centres[labels] + scales[labels] * rng.normal(size=(10_001, 6))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_fit_over_many_chunks_matches_sklearn(many_rows, covariance_type):
+    from jaxgmm._data import rows_per_chunk
+
+    assert rows_per_chunk(len(many_rows), 3, 6) < len(many_rows)
+    key = jax.random.key(1)
+    start = jaxgmm.fit(
+        key, many_rows, 3, covariance_type=covariance_type, max_iter=1
+    ).gmm
+    result = jaxgmm.fit(
+        key,
+        many_rows,
+        3,
+        covariance_type=covariance_type,
+        max_iter=8,
+        tol=0.0,
+        init_gmm=start,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = sklearn_from(start, max_iter=8, tol=0.0).fit(many_rows)
+    assert_same_parameters(reference, result.gmm)
+    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)

@@ -74,19 +74,6 @@ class CovarianceStructure:
         ...
 
     @staticmethod
-    def stored_features(x: Float[Array, "n d"]) -> Array | None:
-        """Per-row features worth computing once per fit, ``(n, P)``, or None.
-
-        Where it is not None, a large fit computes these once and its E-steps
-        read them from memory in place of ``row_features`` of every chunk;
-        ``squared_mahalanobis`` and ``moments`` accept both forms. Diag and
-        spherical return ``[x, x**2]`` for more than ``UNROLL_MAX_DIM``
-        features (one matrix product each way instead of two; see
-        ``_fit.STORED_FEATURES_BUDGET``).
-        """
-        return None
-
-    @staticmethod
     def squared_mahalanobis(
         features: Array,
         means: Float[Array, "k d"],
@@ -183,22 +170,6 @@ def _diagonal_features(x: Float[Array, "n d"]):
     return x, x * x
 
 
-def _stored_diagonal_features(x: Float[Array, "n d"]) -> Array | None:
-    """``[x, x**2]`` per row ``(n, 2D)`` for more than UNROLL_MAX_DIM features."""
-    if x.shape[-1] <= _linalg.UNROLL_MAX_DIM:
-        return None
-    return jnp.concatenate([x, x * x], axis=-1)
-
-
-def _diagonal_products(features, linear, quadratic) -> Float[Array, "k n"]:
-    """``linear @ x.T + quadratic @ (x**2).T`` from either form of the features:
-    the pair ``(x, x**2)`` (two products) or stored ``[x, x**2]`` (one)."""
-    if isinstance(features, tuple):
-        x, squares = features
-        return linear @ x.T + quadratic @ squares.T
-    return jnp.concatenate([linear, quadratic], axis=-1) @ features.T
-
-
 def _small_moments(
     weighted_resp: Float[Array, "k n"],
     diff: list[Array],
@@ -227,12 +198,9 @@ def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: in
         pairs = [(i, i) for i in range(d)]
         counts, sums, squares = _small_moments(weighted_resp, columns, pairs)
         return counts, sums, jnp.stack([squares[pair] for pair in pairs], -1)
+    x, squares = features
     counts = _linalg.row_sums(weighted_resp)
-    if isinstance(features, tuple):
-        x, squares = features
-        return counts, weighted_resp @ x, weighted_resp @ squares
-    moments = weighted_resp @ features  # stored [x, x**2]: one product
-    return counts, moments[:, :d], moments[:, d:]
+    return counts, weighted_resp @ x, weighted_resp @ squares
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):
@@ -540,10 +508,6 @@ class Diag(CovarianceStructure):
         return _diagonal_features(x)
 
     @staticmethod
-    def stored_features(x):
-        return _stored_diagonal_features(x)
-
-    @staticmethod
     def squared_mahalanobis(features, means, precisions_cholesky):
         if means.shape[-1] <= _linalg.UNROLL_MAX_DIM:
             diff = _column_differences(features, means)
@@ -554,9 +518,13 @@ class Diag(CovarianceStructure):
         # Expanded into matrix products (sklearn's form); x is already centred
         # on the data, so the cancellation stays small.
         precisions = precisions_cholesky**2
+        x, squares = features
         constant = jnp.sum(means**2 * precisions, axis=-1)
-        products = _diagonal_products(features, -2.0 * means * precisions, precisions)
-        return products + constant[:, None]
+        return (
+            (-2.0 * means * precisions) @ x.T
+            + precisions @ squares.T
+            + constant[:, None]
+        )
 
     @staticmethod
     def moments(features, weighted_resp, shift):
@@ -635,28 +603,18 @@ class Spherical(CovarianceStructure):
         return _diagonal_features(x)
 
     @staticmethod
-    def stored_features(x):
-        return _stored_diagonal_features(x)
-
-    @staticmethod
     def squared_mahalanobis(features, means, precisions_cholesky):
         precisions = (precisions_cholesky**2)[:, None]
         d = means.shape[-1]
         if d <= _linalg.UNROLL_MAX_DIM:
             diff = _column_differences(features, means)
             return precisions * sum(column * column for column in diff)
-        if isinstance(features, tuple):
-            x, squares = features
-            squared_distance = (
-                jnp.sum(means**2, axis=-1)[:, None]
-                - 2.0 * means @ x.T
-                + jnp.sum(squares, axis=-1)[None, :]
-            )
-        else:
-            squared_distance = (
-                _diagonal_products(features, -2.0 * means, jnp.ones_like(means))
-                + jnp.sum(means**2, axis=-1)[:, None]
-            )
+        x, squares = features
+        squared_distance = (
+            jnp.sum(means**2, axis=-1)[:, None]
+            - 2.0 * means @ x.T
+            + jnp.sum(squares, axis=-1)[None, :]
+        )
         return squared_distance * precisions
 
     @staticmethod

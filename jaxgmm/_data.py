@@ -226,9 +226,6 @@ class Data(eqx.Module):
     #: True when ``x`` and ``sample_weight`` already hold the centred,
     #: masked rows and effective weights (small data sets, see make_data).
     prepared: bool = eqx.field(static=True, default=False)
-    #: True when ``x`` holds a covariance structure's ``stored_features`` of
-    #: the prepared rows (``(N, P)``, see :meth:`with_stored_features`).
-    stored_features: bool = eqx.field(static=True, default=False)
 
     @property
     def n_rows(self) -> int:
@@ -281,33 +278,6 @@ class Data(eqx.Module):
         """``fn(xc, weight, rows)`` as a function of raw chunks."""
         return lambda x_chunk, w_chunk, rows: fn(
             *self.rows(x_chunk, w_chunk, rows), rows
-        )
-
-    def with_stored_features(self, structure, budget: int) -> Data:
-        """This data set with ``x`` replaced by ``structure.stored_features``
-        of its centred, masked rows, computed once (and the weights by the
-        effective weights), when the structure has such features, the rows
-        span more than one chunk and the features hold at most ``budget``
-        entries; otherwise ``self``. Only the E-step can read the result."""
-        n, d = self.x.shape
-        probe = jax.eval_shape(
-            structure.stored_features, jax.ShapeDtypeStruct((1, d), self.x.dtype)
-        )
-        if probe is None or self.prepared or n * probe.shape[-1] > budget:
-            return self
-        features = self.map(lambda xc, _, __: structure.stored_features(xc))
-        weights = self.map(lambda _, weight, __: weight)
-        return Data(
-            features,
-            weights,
-            self.centre,
-            self.variance,
-            self.total_weight,
-            self.unit_weights,
-            None,
-            self.chunk_size,
-            prepared=True,
-            stored_features=True,
         )
 
     def sum(self, fn):

@@ -124,15 +124,6 @@ def check_status(out, status: Array):
 
 # -- EM ------------------------------------------------------------------------
 
-#: Largest stored feature array (entries) a fit computes once for its E-steps
-#: (``Data.with_stored_features``): 2**28 is 1 GiB in float32, ``[x, x**2]``
-#: for 2 million rows of 64 features. Diag and spherical fits of more than
-#: ``UNROLL_MAX_DIM`` features then run one matrix product each way per
-#: chunk instead of two, on rows that need no centring or masking: ~20%
-#: faster iterations for N=1e6, D=64, K=32. Larger data sets compute the
-#: features chunk by chunk, in memory that does not grow with N.
-STORED_FEATURES_BUDGET = 1 << 28
-
 
 def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition):
     """sklearn's EM loop: E-step (log-likelihood of the current parameters),
@@ -208,10 +199,6 @@ def _fit(
     # Bad data are masked inside make_data; the status reports them (fit turns
     # it into an error with throw=True).
     data, status = make_data(x, sample_weight, n_components)
-    # Shared by every restart: computed once, outside the vmap over keys.
-    em_data = data.with_stored_features(
-        structure_for(covariance_type), STORED_FEATURES_BUDGET
-    )
 
     def run(key):
         if init_gmm is None:
@@ -220,7 +207,7 @@ def _fit(
             )
         else:
             start = shift_means(init_gmm, -data.centre)
-        return _em_loop(start, em_data, max_iter, tol, reg_covar, max_condition)
+        return _em_loop(start, data, max_iter, tol, reg_covar, max_condition)
 
     if n_init == 1:
         gmm, log_likelihood, n_iter, converged, history = run(key)
@@ -330,10 +317,7 @@ def fit(
     after ``max_iter`` iterations, exactly as scikit-learn's
     ``GaussianMixture``. With ``tol=0`` exactly ``max_iter`` iterations run.
     The loop is a ``lax.while_loop`` and rows are processed in chunks with
-    ``lax.scan``, so memory does not grow with N * K * D. Diag and spherical
-    fits of more than 4 features over more than one chunk keep ``[x, x**2]``
-    of the centred rows, ``(N, 2D)``, for their E-steps when it holds at most
-    ``2**28`` entries (1 GiB in float32); larger ones form it chunk by chunk.
+    ``lax.scan``, so memory does not grow with N * K * D.
 
     Args:
         key: PRNG key for the initialisation.

@@ -94,7 +94,7 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
 
     def chunk(xc, weight, _):
         # Computed once: the distances and the moments read the same features.
-        features = xc if data.stored_features else structure.row_features(xc)
+        features = structure.row_features(xc)
         log_prob = gmm.joint_log_prob_from_features(features)
         # One exp per (component, row) serves both the log-sum-exp and the
         # responsibilities.

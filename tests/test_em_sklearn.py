@@ -181,8 +181,7 @@ def test_sample_weight_equals_repeating_rows(dataset):
 @pytest.fixture(scope="module")
 def many_rows(x64_module):
     # 10,001 rows of 6 features: two 4,096-row chunks and a remainder, with
-    # the matrix-product form of the E-step (and, for diag and spherical,
-    # features computed once per fit, see _fit.STORED_FEATURES_BUDGET).
+    # the matrix-product form of the E- and M-steps (D > 4).
     rng = np.random.default_rng(11)
     centres = rng.normal(scale=3.0, size=(3, 6))
     scales = rng.uniform(0.5, 2.0, size=(3, 6))

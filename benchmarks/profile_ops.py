@@ -6,11 +6,14 @@ What it measures
     compiled once, then run ``--fits`` times under ``jax.profiler.trace``
     with XLA's per-kernel trace events on
     (``--xla_cpu_enable_xprof_traceme=true``, set before jax is imported).
-    It prints, for every kernel that runs at least once per row chunk:
-    how often it ran, its median duration and its total per EM iteration,
-    and the median period of the row-chunk loop (the time of one chunk
-    step, from the start times of its most frequent kernel). Kernels run on
-    XLA's intra-op threads; the busy share of each thread is printed too.
+    It prints the ``--top`` kernels by total time: how often each ran, its
+    median duration and its total divided by the traced EM iterations
+    (kernels that run once per fit, such as the centring pass, are spread
+    over them too), and the median period of the row-chunk loop (the time
+    of one chunk step, from the start times of its most frequent kernel).
+    Kernels run on XLA's intra-op threads; each thread's busy share is
+    printed too. Like the other scripts it adds the jaxlib 0.10.2 XLA
+    workaround flag where that version is installed (``_common``).
 
     Tracing adds some overhead (the chunk period is ~10% longer than
     without it); the split between kernels is what this is for, not the
@@ -107,6 +110,9 @@ def main() -> None:
 
     if "jax" in sys.modules:
         raise RuntimeError("profile_ops must set XLA_FLAGS before jax is imported")
+    from _common import apply_xla_workaround
+
+    apply_xla_workaround()
     flags = os.environ.get("XLA_FLAGS", "")
     if TRACE_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {TRACE_FLAG}".strip()

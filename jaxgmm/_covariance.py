@@ -200,7 +200,8 @@ def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: in
         return counts, sums, jnp.stack([squares[pair] for pair in pairs], -1)
     x, squares = features
     counts = _linalg.row_sums(weighted_resp)
-    return counts, weighted_resp @ x, weighted_resp @ squares
+    sums, scatter = _linalg.grouped_matmul(weighted_resp, (x, squares))
+    return counts, sums, scatter
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], kind: str):

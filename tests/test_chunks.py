@@ -72,6 +72,21 @@ def test_sums_over_rows_matches_float64_sums(n):
         )
 
 
+@pytest.mark.parametrize("k", [1, 3, 4, 17, 32])
+def test_grouped_matmul_matches_float64_products(k):
+    # k=1 and 3: one group; 4: two; 17: eight uneven groups; 32: eight of 4.
+    rng = np.random.default_rng(k)
+    weights = rng.uniform(size=(k, 500)).astype(np.float32)
+    a, b = (rng.normal(size=(500, d)).astype(np.float32) for d in (6, 1))
+    got = jax.jit(_linalg.grouped_matmul)(weights, (a, b))
+    assert len(got) == 2
+    for g, operand in zip(got, (a, b)):
+        expected = weights.astype(np.float64) @ operand.astype(np.float64)
+        assert g.shape == expected.shape and g.dtype == np.float32
+        scale = weights.astype(np.float64) @ np.abs(operand.astype(np.float64))
+        np.testing.assert_allclose(g, expected, rtol=0, atol=1e-6 * scale.max())
+
+
 def test_columns_are_the_exact_transpose():
     # The identity product behind the small-D features must not round.
     # (Subnormals are flushed to zero, as everywhere in XLA's CPU code.)

@@ -198,34 +198,39 @@ def row_sums(a: Float[Array, "k n"]) -> Float[Array, " k"]:
     return (a @ ones)[..., 0]
 
 
-# Most component groups the M-step's matrix products are split into, and the
-# fewest components per group (see ``grouped_matmul``).
+# The M-step's matrix products are split into this many groups of
+# components when there are at least MIN_GROUP_ROWS components per group and
+# each (K, p) output has at least GROUPED_MIN_OUTPUT entries (see
+# ``grouped_matmul``).
 PRODUCT_GROUPS = 8
 MIN_GROUP_ROWS = 2
+GROUPED_MIN_OUTPUT = 1024
 
 
 def grouped_matmul(
     weights: Float[Array, "k n"], operands: tuple[Array, ...]
 ) -> tuple[Array, ...]:
-    r"""``weights @ b`` for each ``b`` ``(n, p)`` in ``operands``, computed
-    as one product per group of rows of ``weights`` (components).
+    r"""``weights @ b`` for each ``b`` ``(n, p)`` in ``operands``; for large
+    outputs as one product per group of rows of ``weights`` (components).
 
     Each output row is the same dot product as in ``weights @ b``; only the
     grouping of the work differs. The split is for XLA:CPU: a product with a
     small ``(K, p)`` output runs on one thread, and its runtime runs ready
     operations concurrently only when more than eight are ready at once, so
-    the M-step's two products (``r @ x`` and ``r @ x**2``) ran one after the
-    other on one of the two cores while the other waited. As 16 products of
-    up to ``PRODUCT_GROUPS`` groups they run on both: an EM iteration of
-    N=1e6, D=64, K=32 diag took 0.17 s instead of 0.21 s
-    (``benchmarks/bench_large_diag.py``). Groups have at least
-    ``MIN_GROUP_ROWS`` rows; fewer components than that are not split.
+    the diagonal M-step's two products (``r @ x`` and ``r @ x**2``) ran one
+    after the other on one of two cores while the other waited. Split into
+    ``PRODUCT_GROUPS`` groups (16 products) they run on both. Measured on
+    2 cores, N=1e6 (``benchmarks/bench_large_diag.py`` and A/B runs of
+    ``fit``): D=64, K=32 diag 0.17 s per EM iteration instead of 0.21 s;
+    K=16 or 64 with D=64 ~10-20% faster; D=32, K=32 ~5%; but outputs of
+    fewer than ``GROUPED_MIN_OUTPUT`` entries (D=32 with K=16, D=16 with
+    K=16) got 10-70% slower, so those stay one product each.
     """
     k = weights.shape[0]
-    groups = max(1, min(PRODUCT_GROUPS, k // MIN_GROUP_ROWS))
-    if groups == 1:
+    p = max(b.shape[-1] for b in operands)
+    if k < PRODUCT_GROUPS * MIN_GROUP_ROWS or k * p < GROUPED_MIN_OUTPUT:
         return tuple(weights @ b for b in operands)
-    bounds = [(i * k) // groups for i in range(groups + 1)]
+    bounds = [(i * k) // PRODUCT_GROUPS for i in range(PRODUCT_GROUPS + 1)]
     blocks = [weights[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return tuple(
         jnp.concatenate([block @ b for block in blocks], axis=0) for b in operands

@@ -72,12 +72,16 @@ def test_sums_over_rows_matches_float64_sums(n):
         )
 
 
-@pytest.mark.parametrize("k", [1, 3, 4, 17, 32])
-def test_grouped_matmul_matches_float64_products(k):
-    # k=1 and 3: one group; 4: two; 17: eight uneven groups; 32: eight of 4.
+@pytest.mark.parametrize("k, products", [(3, 2), (15, 2), (17, 16), (32, 16)])
+def test_grouped_matmul_matches_float64_products(k, products):
+    # 3 and 15 components: one product per operand (fewer than 8 groups of
+    # 2); 17: eight uneven groups; 32: eight groups of 4.
     rng = np.random.default_rng(k)
     weights = rng.uniform(size=(k, 500)).astype(np.float32)
-    a, b = (rng.normal(size=(500, d)).astype(np.float32) for d in (6, 1))
+    a, b = (rng.normal(size=(500, d)).astype(np.float32) for d in (64, 1))
+    jaxpr = jax.make_jaxpr(_linalg.grouped_matmul)(weights, (a, b))
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == products
     got = jax.jit(_linalg.grouped_matmul)(weights, (a, b))
     assert len(got) == 2
     for g, operand in zip(got, (a, b)):

@@ -212,3 +212,39 @@ def test_fit_over_many_chunks_matches_sklearn(many_rows, covariance_type):
         reference = sklearn_from(start, max_iter=8, tol=0.0).fit(many_rows)
     assert_same_parameters(reference, result.gmm)
     np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def wide_rows(x64_module):
+    # 3,000 rows of 64 features from 16 clusters: the diagonal M-step's
+    # products are large enough to be split into component groups.
+    rng = np.random.default_rng(12)
+    centres = rng.normal(scale=2.0, size=(16, 64))
+    scales = rng.uniform(0.5, 2.0, size=(16, 64))
+    labels = rng.integers(0, 16, 3_000)
+    return centres[labels] + scales[labels] * rng.normal(size=(3_000, 64))
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_fit_with_grouped_products_matches_sklearn(wide_rows, covariance_type):
+    from jaxgmm import _linalg
+
+    k, d = 16, wide_rows.shape[1]
+    assert k >= _linalg.PRODUCT_GROUPS * _linalg.MIN_GROUP_ROWS
+    assert k * d >= _linalg.GROUPED_MIN_OUTPUT
+    key = jax.random.key(2)
+    start = jaxgmm.fit(key, wide_rows, k, covariance_type=covariance_type, max_iter=1)
+    result = jaxgmm.fit(
+        key,
+        wide_rows,
+        k,
+        covariance_type=covariance_type,
+        max_iter=5,
+        tol=0.0,
+        init_gmm=start.gmm,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = sklearn_from(start.gmm, max_iter=5, tol=0.0).fit(wide_rows)
+    assert_same_parameters(reference, result.gmm)
+    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)

@@ -178,15 +178,39 @@ def test_sample_weight_equals_repeating_rows(dataset):
     )
 
 
+def clustered_rows(seed, n_clusters, n_features, n_rows, spread):
+    """Rows from ``n_clusters`` axis-aligned Gaussians with random centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=spread, size=(n_clusters, n_features))
+    scales = rng.uniform(0.5, 2.0, size=(n_clusters, n_features))
+    labels = rng.integers(0, n_clusters, n_rows)
+    return centres[labels] + scales[labels] * rng.normal(size=(n_rows, n_features))
+
+
+def assert_fit_matches_sklearn(x, k, covariance_type, key, max_iter):
+    """``max_iter`` EM steps from a one-step fit's parameters, against sklearn."""
+    start = jaxgmm.fit(key, x, k, covariance_type=covariance_type, max_iter=1).gmm
+    result = jaxgmm.fit(
+        key,
+        x,
+        k,
+        covariance_type=covariance_type,
+        max_iter=max_iter,
+        tol=0.0,
+        init_gmm=start,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = sklearn_from(start, max_iter=max_iter, tol=0.0).fit(x)
+    assert_same_parameters(reference, result.gmm)
+    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
+
+
 @pytest.fixture(scope="module")
 def many_rows(x64_module):
     # 10,001 rows of 6 features: two 4,096-row chunks and a remainder, with
     # the matrix-product form of the E- and M-steps (D > 4).
-    rng = np.random.default_rng(11)
-    centres = rng.normal(scale=3.0, size=(3, 6))
-    scales = rng.uniform(0.5, 2.0, size=(3, 6))
-    labels = rng.integers(0, 3, 10_001)
-    return centres[labels] + scales[labels] * rng.normal(size=(10_001, 6))
+    return clustered_rows(11, 3, 6, 10_001, spread=3.0)
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
@@ -194,35 +218,14 @@ def test_fit_over_many_chunks_matches_sklearn(many_rows, covariance_type):
     from jaxgmm._data import rows_per_chunk
 
     assert rows_per_chunk(len(many_rows), 3, 6) < len(many_rows)
-    key = jax.random.key(1)
-    start = jaxgmm.fit(
-        key, many_rows, 3, covariance_type=covariance_type, max_iter=1
-    ).gmm
-    result = jaxgmm.fit(
-        key,
-        many_rows,
-        3,
-        covariance_type=covariance_type,
-        max_iter=8,
-        tol=0.0,
-        init_gmm=start,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        reference = sklearn_from(start, max_iter=8, tol=0.0).fit(many_rows)
-    assert_same_parameters(reference, result.gmm)
-    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
+    assert_fit_matches_sklearn(many_rows, 3, covariance_type, jax.random.key(1), 8)
 
 
 @pytest.fixture(scope="module")
 def wide_rows(x64_module):
     # 3,000 rows of 64 features from 16 clusters: the diagonal M-step's
     # products are large enough to be split into component groups.
-    rng = np.random.default_rng(12)
-    centres = rng.normal(scale=2.0, size=(16, 64))
-    scales = rng.uniform(0.5, 2.0, size=(16, 64))
-    labels = rng.integers(0, 16, 3_000)
-    return centres[labels] + scales[labels] * rng.normal(size=(3_000, 64))
+    return clustered_rows(12, 16, 64, 3_000, spread=2.0)
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
@@ -232,19 +235,4 @@ def test_fit_with_grouped_products_matches_sklearn(wide_rows, covariance_type):
     k, d = 16, wide_rows.shape[1]
     assert k >= _linalg.PRODUCT_GROUPS * _linalg.MIN_GROUP_ROWS
     assert k * d >= _linalg.GROUPED_MIN_OUTPUT
-    key = jax.random.key(2)
-    start = jaxgmm.fit(key, wide_rows, k, covariance_type=covariance_type, max_iter=1)
-    result = jaxgmm.fit(
-        key,
-        wide_rows,
-        k,
-        covariance_type=covariance_type,
-        max_iter=5,
-        tol=0.0,
-        init_gmm=start.gmm,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        reference = sklearn_from(start.gmm, max_iter=5, tol=0.0).fit(wide_rows)
-    assert_same_parameters(reference, result.gmm)
-    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
+    assert_fit_matches_sklearn(wide_rows, k, covariance_type, jax.random.key(2), 5)

@@ -44,6 +44,31 @@ def assert_same_parameters(reference, gmm, rtol=1e-6):
     assert relative(gmm.precisions_cholesky, reference.precisions_cholesky_) < rtol
 
 
+def fit_and_sklearn(x, k, covariance_type, start, max_iter):
+    """``max_iter`` EM steps (``tol=0``) from ``start`` by jaxgmm and by sklearn."""
+    result = jaxgmm.fit(
+        jax.random.key(0),
+        x,
+        k,
+        covariance_type=covariance_type,
+        max_iter=max_iter,
+        tol=0.0,
+        init_gmm=start,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = sklearn_from(start, max_iter=max_iter, tol=0.0).fit(x)
+    return result, reference
+
+
+def assert_fit_matches_sklearn(x, k, covariance_type, key, max_iter):
+    """``max_iter`` EM steps from a one-step fit's parameters, against sklearn."""
+    start = jaxgmm.fit(key, x, k, covariance_type=covariance_type, max_iter=1).gmm
+    result, reference = fit_and_sklearn(x, k, covariance_type, start, max_iter)
+    assert_same_parameters(reference, result.gmm)
+    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
+
+
 @pytest.fixture(scope="module", params=sorted(DATASETS))
 def dataset(request, x64_module):
     return np.asarray(DATASETS[request.param], np.float64)
@@ -61,26 +86,13 @@ def test_fit_from_the_same_start_matches_sklearn_step_for_step(
         max_iter=1,
         init="kmeans",
     ).gmm
-    for n_steps in (20,):
-        result = jaxgmm.fit(
-            jax.random.key(0),
-            dataset,
-            3,
-            covariance_type=covariance_type,
-            max_iter=n_steps,
-            tol=0.0,
-            init_gmm=start,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            reference = sklearn_from(start, max_iter=n_steps, tol=0.0).fit(dataset)
-        assert result.gmm.means.dtype == np.float64
-        assert_same_parameters(reference, result.gmm)
-        assert int(result.n_iter) == reference.n_iter_ == n_steps
-        np.testing.assert_allclose(
-            result.log_likelihood, reference.lower_bound_, rtol=1e-9
-        )
-        assert not result.converged and not reference.converged_
+    n_steps = 20
+    result, reference = fit_and_sklearn(dataset, 3, covariance_type, start, n_steps)
+    assert result.gmm.means.dtype == np.float64
+    assert_same_parameters(reference, result.gmm)
+    assert int(result.n_iter) == reference.n_iter_ == n_steps
+    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
+    assert not result.converged and not reference.converged_
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
@@ -185,25 +197,6 @@ def clustered_rows(seed, n_clusters, n_features, n_rows, spread):
     scales = rng.uniform(0.5, 2.0, size=(n_clusters, n_features))
     labels = rng.integers(0, n_clusters, n_rows)
     return centres[labels] + scales[labels] * rng.normal(size=(n_rows, n_features))
-
-
-def assert_fit_matches_sklearn(x, k, covariance_type, key, max_iter):
-    """``max_iter`` EM steps from a one-step fit's parameters, against sklearn."""
-    start = jaxgmm.fit(key, x, k, covariance_type=covariance_type, max_iter=1).gmm
-    result = jaxgmm.fit(
-        key,
-        x,
-        k,
-        covariance_type=covariance_type,
-        max_iter=max_iter,
-        tol=0.0,
-        init_gmm=start,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        reference = sklearn_from(start, max_iter=max_iter, tol=0.0).fit(x)
-    assert_same_parameters(reference, result.gmm)
-    np.testing.assert_allclose(result.log_likelihood, reference.lower_bound_, rtol=1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -84,9 +84,14 @@ class CovarianceStructure:
 
     @staticmethod
     def moments(
-        features: Array, weighted_resp: Float[Array, "k n"], shift: Array
+        features: Array,
+        resp: Float[Array, "k n"],
+        shift: Array,
+        row_scale: Float[Array, " n"] | None = None,
     ) -> tuple[Float[Array, " k"], Float[Array, "k d"], Array]:
-        """``(counts, sums, scatter)`` of the rows about ``shift`` (see ``Stats``)."""
+        """``(counts, sums, scatter)`` of the rows about ``shift`` (see
+        ``Stats``), each row weighted by ``resp * row_scale[None, :]`` (by
+        ``resp`` when ``row_scale`` is None; see :func:`_row_weights`)."""
         ...
 
     @staticmethod
@@ -170,6 +175,22 @@ def _diagonal_features(x: Float[Array, "n d"]):
     return x, x * x
 
 
+def _row_weights(resp: Float[Array, "k n"], row_scale: Array | None):
+    """``(resp * row_scale, counts)``: the weights of the rows in the
+    moments, in the factored form the E-step has them (unnormalised
+    responsibilities and, per row, weight / normaliser).
+
+    The counts are ``resp @ row_scale``, read from ``resp``. Summing the
+    weighted product instead made XLA write that ``(K, n)`` product out as a
+    kernel of its own, which ran on one thread while the other waited:
+    N=1e6, D=64, K=32 diag 0.141 s per EM iteration instead of 0.155 s
+    (alternating runs); D=16, K=16 full unchanged.
+    """
+    if row_scale is None:
+        return resp, _linalg.row_sums(resp)
+    return resp * row_scale[None, :], _linalg.row_sums(resp, row_scale)
+
+
 def _small_moments(
     weighted_resp: Float[Array, "k n"],
     diff: list[Array],
@@ -191,16 +212,18 @@ def _small_moments(
     return totals[0], sums, dict(zip(pairs, totals[d + 1 :]))
 
 
-def _diagonal_moments(features: Array, weighted_resp: Float[Array, "k n"], d: int):
-    """``(sum_n r_kn, sum_n r_kn x_n, sum_n r_kn x_n**2)`` about zero."""
+def _diagonal_moments(features: Array, resp: Array, row_scale: Array | None, d: int):
+    """``(sum_n r_kn, sum_n r_kn x_n, sum_n r_kn x_n**2)`` about zero, with
+    ``r = resp * row_scale``."""
     if d <= _linalg.UNROLL_MAX_DIM:
         columns = [features[i][None, :] for i in range(d)]
         pairs = [(i, i) for i in range(d)]
-        counts, sums, squares = _small_moments(weighted_resp, columns, pairs)
+        weighted, _ = _row_weights(resp, row_scale)
+        counts, sums, squares = _small_moments(weighted, columns, pairs)
         return counts, sums, jnp.stack([squares[pair] for pair in pairs], -1)
     x, squares = features
-    counts = _linalg.row_sums(weighted_resp)
-    sums, scatter = _linalg.grouped_matmul(weighted_resp, (x, squares))
+    weighted, counts = _row_weights(resp, row_scale)
+    sums, scatter = _linalg.grouped_matmul(weighted, (x, squares))
     return counts, sums, scatter
 
 
@@ -329,17 +352,18 @@ class Full(CovarianceStructure):
         return coefficients @ features + constant[:, None]
 
     @staticmethod
-    def moments(features, weighted_resp, shift):
+    def moments(features, resp, shift, row_scale=None):
         d = shift.shape[-1]
         if d <= _linalg.UNROLL_MAX_DIM:
             diff = _column_differences(features, shift)
             pairs = [(i, j) for i in range(d) for j in range(i, d)]
-            counts, sums, entries = _small_moments(weighted_resp, diff, pairs)
+            weighted, _ = _row_weights(resp, row_scale)
+            counts, sums, entries = _small_moments(weighted, diff, pairs)
             return counts, sums, _linalg.stack_symmetric(entries, d)
         # The shift is zero here (see scatter_shift): one GEMM gives
         # sum_n r_kn x_n and the upper triangle of sum_n r_kn x_n x_n^T.
-        moments = weighted_resp @ features.T
-        counts = _linalg.row_sums(weighted_resp)
+        weighted, counts = _row_weights(resp, row_scale)
+        moments = weighted @ features.T
         return counts, moments[:, :d], _linalg.symmetric_from_upper(moments[:, d:], d)
 
     @staticmethod
@@ -430,8 +454,8 @@ class Tied(CovarianceStructure):
         return Full.squared_mahalanobis(features, means, tiled)
 
     @staticmethod
-    def moments(features, weighted_resp, shift):
-        return Full.moments(features, weighted_resp, shift)
+    def moments(features, resp, shift, row_scale=None):
+        return Full.moments(features, resp, shift, row_scale)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -528,8 +552,8 @@ class Diag(CovarianceStructure):
         )
 
     @staticmethod
-    def moments(features, weighted_resp, shift):
-        return _diagonal_moments(features, weighted_resp, shift.shape[-1])
+    def moments(features, resp, shift, row_scale=None):
+        return _diagonal_moments(features, resp, row_scale, shift.shape[-1])
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -619,8 +643,8 @@ class Spherical(CovarianceStructure):
         return squared_distance * precisions
 
     @staticmethod
-    def moments(features, weighted_resp, shift):
-        return _diagonal_moments(features, weighted_resp, shift.shape[-1])
+    def moments(features, resp, shift, row_scale=None):
+        return _diagonal_moments(features, resp, row_scale, shift.shape[-1])
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):

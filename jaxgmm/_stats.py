@@ -109,8 +109,8 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         total = jnp.sum(unnormalised, axis=0)
         log_norm = peak + jnp.log(total)
         scale = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
-        weighted = unnormalised * scale[None, :]
-        counts, sums, scatter = structure.moments(features, weighted, shift)
+        # Responsibilities times row weights: unnormalised * scale[None, :].
+        counts, sums, scatter = structure.moments(features, unnormalised, shift, scale)
         log_likelihood = jnp.sum(jnp.where(weight > 0, weight * log_norm, 0.0))
         return counts, sums, scatter, log_likelihood
 

@@ -91,6 +91,30 @@ def test_grouped_matmul_matches_float64_products(k, products):
         np.testing.assert_allclose(g, expected, rtol=0, atol=1e-6 * scale.max())
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+@pytest.mark.parametrize("d", [3, 64])
+def test_moments_from_factored_row_weights_match_the_weighted_rows(covariance_type, d):
+    # The E-step passes responsibilities as (unnormalised, per-row scale):
+    # every statistic must be that of the weights unnormalised * scale, and
+    # the counts those of a float64 sum. D=3: the unrolled small-D moments;
+    # D=64 with 17 components: the grouped products (diag and spherical).
+    structure = _covariance.structure_for(covariance_type)
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(300, d)).astype(np.float32)
+    resp = rng.uniform(size=(17, 300)).astype(np.float32)
+    scale = rng.uniform(0.0, 2.0, size=300).astype(np.float32)
+    scale[::7] = 0.0
+    shift = structure.scatter_shift(jnp.asarray(rng.normal(size=(17, d)), jnp.float32))
+    features = structure.row_features(jnp.asarray(x))
+    factored = structure.moments(features, resp, shift, scale)
+    dense = structure.moments(features, resp * scale[None, :], shift)
+    for got, expected in zip(factored, dense):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-4)
+    counts = resp.astype(np.float64) @ scale.astype(np.float64)
+    np.testing.assert_allclose(factored[0], counts, rtol=2e-6)
+
+
 def test_columns_are_the_exact_transpose():
     # The identity product behind the small-D features must not round.
     # (Subnormals are flushed to zero, as everywhere in XLA's CPU code.)

@@ -1,6 +1,7 @@
 """The GMM model: construction checks, densities, sampling, score, counts."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -154,15 +155,40 @@ def test_sample_follows_the_density_kolmogorov_smirnov():
     assert scipy.stats.kstest(np.asarray(x[:, 0]), cdf).pvalue > 1e-3
 
 
-def test_sampling_cost_does_not_grow_with_components():
-    # Each draw gathers one component's factor: the jaxpr has no (n, K, D) term.
-    k = 64
+def _output_sizes(jaxpr):
+    """Sizes of every value a jaxpr computes, nested jaxprs (jit, loops,
+    conditionals) included."""
+    for eqn in jaxpr.eqns:
+        yield from (int(np.prod(v.aval.shape)) for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _output_sizes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _output_sizes(sub)
+
+
+@pytest.mark.parametrize("k", [64, 512])
+def test_sampling_cost_does_not_grow_with_components(k):
+    # Each draw finds its component by binary search and gathers only that
+    # component's factor: nothing computed has n * K entries.
+    n = 1000
     gmm = jaxgmm.GMM(
         jnp.full((k,), 1.0 / k), jnp.zeros((k, D)), jnp.ones((k, D)), "diag"
     )
-    jaxpr = jax.make_jaxpr(lambda g: g.sample(jax.random.key(0), 1000))(gmm)
-    shapes = [v.aval.shape for eqn in jaxpr.eqns for v in eqn.outvars]
-    assert all(np.prod(shape) < 1000 * k for shape in shapes)
+    jaxpr = jax.make_jaxpr(lambda g: g.sample(jax.random.key(0), n))(gmm)
+    sizes = list(_output_sizes(jaxpr.jaxpr))
+    assert max(sizes) >= n * D  # the walk reached the draws themselves
+    assert max(sizes) < n * k
+
+
+def test_output_sizes_sees_an_all_pairs_comparison_inside_jit():
+    # The check above must be able to fail: an O(n K) draw is caught.
+    k, n = 64, 1000
+    cumulative = jnp.linspace(0.0, 1.0, k)
+    draw = jax.jit(lambda u: jnp.sum(u[:, None] > cumulative[None, :], axis=1))
+    jaxpr = jax.make_jaxpr(draw)(jnp.zeros(n))
+    assert max(_output_sizes(jaxpr.jaxpr)) >= n * k
 
 
 @pytest.mark.parametrize(
@@ -176,6 +202,26 @@ def test_sampling_cost_does_not_grow_with_components():
         ({"covariances": np.ones((K, D, D))}, "covariances"),
         ({"covariances": np.array([[[1.0, 0.5], [0.4, 1.0]]] * K)}, "covariances"),
         ({"covariances": np.eye(D)}, "covariances"),
+        # Exactly singular, but rounding leaves its float64 eigenvalues at
+        # +-1e-16: it has no finite Cholesky factor in float32.
+        (
+            {
+                "covariances": np.array(
+                    [[[20.0, -6, -18], [-6, 9, 15], [-18, 15, 29]]] * K, np.float32
+                ),
+                "means": np.zeros((K, 3)),
+            },
+            "covariances",
+        ),
+        # A density that integrates to 1.04 (the tolerance must not grow with K).
+        (
+            {
+                "weights": np.full(500, 1.04 / 500),
+                "means": np.zeros((500, D)),
+                "covariances": np.broadcast_to(np.eye(D), (500, D, D)),
+            },
+            "weights",
+        ),
         ({"covariance_type": "banana"}, "covariance_type"),
     ],
 )
@@ -189,6 +235,13 @@ def test_invalid_construction_raises_value_error_naming_the_argument(kwargs, nam
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=name):
         jaxgmm.GMM(**arguments)
+
+
+def test_weights_that_sum_to_one_in_float32_are_accepted_for_many_components():
+    k = 500
+    weights = np.full(k, 1.0 / k, np.float32)
+    gmm = jaxgmm.GMM(weights, np.zeros((k, D)), np.ones((k, D)), "diag")
+    assert gmm.n_components == k
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])

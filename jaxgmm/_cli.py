@@ -33,7 +33,10 @@ MAX_CANDIDATES = 1000
 
 
 def read_data(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
-    """Load ``(N, D)`` float64 data and the column names (None without a header).
+    """Load ``(N, D)`` data and the column names (None without a header).
+
+    The data come back in the dtype jaxgmm computes in: float32, or float64
+    with ``JAX_ENABLE_X64``.
 
     ``.npy`` files are read without pickle; anything else is read as CSV by
     :func:`parse_csv`. Raises ``ValueError`` (or ``OSError``) with a message
@@ -41,12 +44,31 @@ def read_data(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        return _read_npy(path), None
+        return _in_model_dtype(_read_npy(path), path), None
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a UTF-8 text (CSV) file") from None
-    return parse_csv(text, str(path))
+    array, header = parse_csv(text, str(path))
+    return _in_model_dtype(array, path), header
+
+
+def _in_model_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array`` in the dtype jaxgmm will compute in (float32 unless
+    ``JAX_ENABLE_X64``); a value too large for it is an error naming its row,
+    not an infinity that fails later."""
+    import jax
+
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    with np.errstate(over="ignore"):
+        converted = array.astype(dtype)
+    finite = np.all(np.isfinite(converted), axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise ValueError(
+            f"{path}: row {row} has a value too large for {np.dtype(dtype)}"
+        )
+    return converted
 
 
 def _read_npy(path: Path) -> np.ndarray:

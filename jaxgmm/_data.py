@@ -218,6 +218,10 @@ class Data(eqx.Module):
     #: Sum of the effective row weights, at least the smallest normal float
     #: so that it divides (found with the centre, once per fit).
     total_weight: Float[Array, ""]
+    #: Number of rows with positive effective weight, at least 1 (found with
+    #: the total): ``total_weight / n_weighted`` is the mean weight of a row
+    #: that is there, the unit sklearn's ``10 * eps`` is counted in.
+    n_weighted: Float[Array, ""]
     unit_weights: Bool[Array, ""]
     #: ``(N,)``: whether each row of ``x`` is finite, found once per fit so
     #: that no pass tests every entry again (None once ``prepared``).
@@ -249,7 +253,9 @@ class Data(eqx.Module):
         dtype = x_chunk.dtype
         if weight_chunk is None:  # unit weights, in fallback or not
             return finite.astype(dtype)
-        usable = (weight_chunk > 0) & is_finite(weight_chunk)
+        # `>= 0`, not `> 0`: a zero weight passes through unchanged (the row
+        # still adds nothing), so that its derivative is not cut off.
+        usable = (weight_chunk >= 0) & is_finite(weight_chunk)
         weight = jnp.where(usable, weight_chunk, 0.0).astype(dtype)
         # Fallback by arithmetic rather than a select on the scalar flag:
         # LLVM compiles a row loop once per value of each loop-invariant
@@ -391,22 +397,33 @@ def make_data(
     first = jnp.where(unit, first_finite, first_positive)
     first = jnp.where(first < n, first, 0)
     anchor = jnp.where(is_finite(x[first]), x[first], 0.0)
-    data = Data(x, sample_weight, anchor, zeros, zeros[0], unit, finite, chunk)
+    zero = zeros[0]
+    data = Data(x, sample_weight, anchor, zeros, zero, zero, unit, finite, chunk)
 
     def moments(xc, w, _):
         w = w[:, None]
-        # One reduction for the three sums: w is repeated along the features.
-        total, first, second = reduce_rows(
-            (jnp.broadcast_to(w, xc.shape), w * xc, w * xc**2), (jnp.add,) * 3
+        # One reduction for the four sums: w is repeated along the features.
+        count, total, first, second = reduce_rows(
+            (
+                # `+ 0 * w`: an operand with a zero derivative of its own
+                # trips the variadic reduction's JVP (jax 0.10); the weights
+                # here are finite, so the count is unchanged.
+                jnp.broadcast_to((w > 0).astype(xc.dtype) + 0 * w, xc.shape),
+                jnp.broadcast_to(w, xc.shape),
+                w * xc,
+                w * xc**2,
+            ),
+            (jnp.add,) * 4,
         )
-        return total[0], first, second
+        return count[0], total[0], first, second
 
-    total, first, second = data.sum(moments)
+    count, total, first, second = data.sum(moments)
     total = jnp.maximum(total, jnp.finfo(x.dtype).tiny)
+    count = jnp.maximum(count, 1.0)
     offset = first / total
     variance = jnp.maximum(second / total - offset**2, 0.0)
     centre = anchor + offset
-    data = Data(x, sample_weight, centre, variance, total, unit, finite, chunk)
+    data = Data(x, sample_weight, centre, variance, total, count, unit, finite, chunk)
     if chunk < n:
         return data, status
     # A data set that fits in one chunk is centred and masked once here, not
@@ -414,5 +431,5 @@ def make_data(
     # several passes over the batch per iteration. Memory is one chunk.
     xc, weight = data.rows(x, sample_weight, jnp.arange(n))
     return Data(
-        xc, weight, centre, variance, total, unit, None, chunk, prepared=True
+        xc, weight, centre, variance, total, count, unit, None, chunk, prepared=True
     ), status

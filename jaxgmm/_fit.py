@@ -9,6 +9,7 @@ from functools import partial
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
@@ -82,6 +83,19 @@ def check_options(reg_covar, max_condition, tol=0.0) -> None:
             raise ValueError(f"`max_condition` must be at least 1, got {max_condition}")
 
 
+def check_reg_covar(reg_covar, dtype) -> None:
+    """``reg_covar`` must be finite in the data's dtype: an infinite one
+    (1e39 in float32, say) would give zero precision factors and an infinite
+    log-likelihood rather than an error."""
+    if not isinstance(reg_covar, numbers.Real):
+        return  # an array, possibly traced: checked no further
+    if not abs(float(reg_covar)) <= float(np.finfo(dtype).max):
+        raise ValueError(
+            f"`reg_covar` must be finite in the data's dtype ({np.dtype(dtype)}), "
+            f"got {reg_covar}"
+        )
+
+
 def check_gmm_matches(gmm: GMM, x: Array, name: str) -> None:
     if not isinstance(gmm, GMM):
         raise ValueError(f"`{name}` must be a jaxgmm.GMM, got {type(gmm).__name__}")
@@ -95,7 +109,7 @@ def cast_gmm(gmm: GMM, dtype) -> GMM:
     return jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), gmm)
 
 
-_status_jit = jax.jit(data_status, static_argnums=2)
+status_jit = jax.jit(data_status, static_argnums=2)
 
 
 def raise_for_bad_data(x: Array, sample_weight: Array, n_components: int) -> None:
@@ -105,7 +119,7 @@ def raise_for_bad_data(x: Array, sample_weight: Array, n_components: int) -> Non
         # Evaluated now even while an outer jit is tracing: the data are
         # constants there, and the answer must be a Python int.
         with jax.ensure_compile_time_eval():
-            status = int(_status_jit(x, sample_weight, n_components))
+            status = int(status_jit(x, sample_weight, n_components))
         if status != Status.success:
             raise ValueError(Status(status).message)
 
@@ -365,6 +379,7 @@ def fit(
     n_init = check_positive_int("n_init", n_init)
     check_options(reg_covar, max_condition, tol)
     x = prepare_x(x)
+    check_reg_covar(reg_covar, x.dtype)
     sample_weight = prepare_weight(sample_weight, x)
     if init_gmm is not None:
         check_gmm_matches(init_gmm, x, "init_gmm")
@@ -421,6 +436,7 @@ def _prepare_steps(gmm, x, sample_weight, reg_covar, max_condition):
     x = prepare_x(x)
     check_gmm_matches(gmm, x, "gmm")
     check_options(reg_covar, max_condition)
+    check_reg_covar(reg_covar, x.dtype)
     sample_weight = prepare_weight(sample_weight, x)
     raise_for_bad_data(x, sample_weight, gmm.n_components)
     max_condition = (

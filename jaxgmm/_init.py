@@ -337,13 +337,15 @@ def _point_gmm(structure, data: Data, indices: Int[Array, " k"], reg_covar, fall
 
     Each component holds one point, so in closed form: mean = the point,
     covariance = ``reg_covar`` times the identity, weight proportional to the
-    point's weight (plus sklearn's ``10 * eps``). With ``reg_covar = 0`` the
+    point's weight (plus sklearn's ``10 * eps``, in units of the mean row
+    weight). With ``reg_covar = 0`` the
     covariances come from ``fallback`` instead.
     """
     rows = data.x[indices]
     points = jnp.where(is_finite(rows), data.centred(rows), 0.0)
     weights = data.weights(rows, data.weight_rows(lambda w: w[indices]))
-    weights = weights + 10 * jnp.finfo(weights.dtype).eps
+    unit = data.total_weight / data.n_weighted
+    weights = weights + 10 * jnp.finfo(weights.dtype).eps * unit
     k, d = points.shape
     precisions_cholesky = jnp.where(
         reg_covar > 0,
@@ -367,7 +369,7 @@ def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
 
     counts, sums, scatter = data.sum(chunk)
     zero = jnp.zeros((), counts.dtype)
-    return Stats(counts, sums, scatter, shift, zero, data.total_weight)
+    return Stats(counts, sums, scatter, shift, zero, data.total_weight, data.n_weighted)
 
 
 def initial_gmm(

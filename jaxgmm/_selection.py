@@ -8,18 +8,46 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._fit import FitResult, fit, prepare_weight
-from ._gmm import GMM, prepare_x
+from ._data import data_status
+from ._fit import FitResult, check_status, fit, prepare_weight, status_jit
+from ._gmm import GMM, is_concrete, prepare_x
+from ._status import Status
+
+_NO_POSITIVE_WEIGHT = "`sample_weight` must have at least one positive weight"
+
+
+def _checked_input(x, sample_weight=None):
+    """``(x, sample_weight)`` checked as a fit checks them: NaN or infinite
+    rows with non-zero weight, and negative or non-finite weights, raise
+    ``ValueError`` when called eagerly (an equinox error under ``jit``, see
+    :func:`_checked`), rather than turning the result into NaN."""
+    x = prepare_x(x)
+    sample_weight = prepare_weight(sample_weight, x)
+    if is_concrete(x, sample_weight):
+        status = int(status_jit(x, sample_weight, 1))
+        if status == Status.too_few_weighted_rows:
+            raise ValueError(_NO_POSITIVE_WEIGHT)
+        if status != Status.success:
+            raise ValueError(Status(status).message)
+    return x, sample_weight
+
+
+def _checked(value, x, sample_weight):
+    """``value``, tied under a trace to an error raised if the input is bad."""
+    if is_concrete(x, sample_weight):
+        return value  # checked eagerly by _checked_input
+    return check_status(value, data_status(x, sample_weight, 1))
 
 
 def _total_log_likelihood(gmm: GMM, x, sample_weight):
-    x = prepare_x(x)
-    sample_weight = prepare_weight(sample_weight, x)
+    x, sample_weight = _checked_input(x, sample_weight)
     log_prob = gmm.log_prob(x)
     if sample_weight is None:
-        return jnp.sum(log_prob), jnp.asarray(x.shape[0], log_prob.dtype)
-    total = jnp.sum(jnp.where(sample_weight > 0, sample_weight * log_prob, 0.0))
-    return total, jnp.sum(sample_weight)
+        total, count = jnp.sum(log_prob), jnp.asarray(x.shape[0], log_prob.dtype)
+    else:
+        total = jnp.sum(jnp.where(sample_weight > 0, sample_weight * log_prob, 0.0))
+        count = jnp.sum(sample_weight)
+    return _checked((total, count), x, sample_weight)
 
 
 def bic(gmm: GMM, x: Float[Array, "n d"], sample_weight=None) -> Float[Array, ""]:
@@ -124,5 +152,6 @@ def anomaly_threshold(
     """
     if not (isinstance(contamination, float | int) and 0 <= contamination <= 1):
         raise ValueError(f"`contamination` must be in [0, 1], got {contamination!r}")
-    log_prob = gmm.log_prob(prepare_x(x))
-    return jnp.quantile(log_prob, contamination)
+    x, _ = _checked_input(x)
+    threshold = jnp.quantile(gmm.log_prob(x), contamination)
+    return _checked(threshold, x, None)

@@ -33,6 +33,7 @@ class Stats(eqx.Module):
       current means, or zero), so float32 keeps the scatter of far-off data
     - ``log_likelihood``: :math:`\sum_n w_n \log p(x_n)`
     - ``total_weight``: :math:`\sum_n w_n`
+    - ``n_weighted``: the number of rows with :math:`w_n > 0`
 
     Coordinates are those of the :class:`~jaxgmm._data.Data` they came from
     (centred on the data). ``+`` adds every field but ``shift``, which both
@@ -45,6 +46,7 @@ class Stats(eqx.Module):
     shift: Float[Array, "k d"]
     log_likelihood: Float[Array, ""]
     total_weight: Float[Array, ""]
+    n_weighted: Float[Array, ""]
 
     def __add__(self, other: Stats) -> Stats:
         return Stats(
@@ -54,6 +56,7 @@ class Stats(eqx.Module):
             self.shift,
             self.log_likelihood + other.log_likelihood,
             self.total_weight + other.total_weight,
+            self.n_weighted + other.n_weighted,
         )
 
     def scale(self, factor) -> Stats:
@@ -65,7 +68,15 @@ class Stats(eqx.Module):
             self.shift,
             self.log_likelihood * factor,
             self.total_weight * factor,
+            self.n_weighted * factor,
         )
+
+    @property
+    def weight_unit(self) -> Float[Array, ""]:
+        """Mean weight of a row that is there: the unit in which scikit-learn's
+        ``10 * eps`` is added to each count, so that multiplying every weight
+        by one number changes no fit (1 for unit weights, as in sklearn)."""
+        return self.total_weight / self.n_weighted
 
 
 # Up to this many components the per-row maximum is taken elementwise.
@@ -111,12 +122,23 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         scale = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
         # Responsibilities times row weights: unnormalised * scale[None, :].
         counts, sums, scatter = structure.moments(features, unnormalised, shift, scale)
-        log_likelihood = jnp.sum(jnp.where(weight > 0, weight * log_norm, 0.0))
+        # A row of weight 0 adds 0 even where its density is 0 (log_norm is
+        # -inf), and its derivative with respect to the weight where it is not.
+        counted = (weight > 0) | _linalg.is_finite(log_norm)
+        log_likelihood = jnp.sum(jnp.where(counted, weight * log_norm, 0.0))
         return counts, sums, scatter, log_likelihood
 
     counts, sums, scatter, log_likelihood = data.sum(chunk)
     # The total weight does not change between iterations: make_data found it.
-    return Stats(counts, sums, scatter, shift, log_likelihood, data.total_weight)
+    return Stats(
+        counts,
+        sums,
+        scatter,
+        shift,
+        log_likelihood,
+        data.total_weight,
+        data.n_weighted,
+    )
 
 
 def m_step(
@@ -127,7 +149,8 @@ def m_step(
 ) -> GMM:
     r"""M-step: maximum-likelihood parameters from :class:`Stats`.
 
-    Follows scikit-learn: :math:`n_k` gets ``10 * eps`` added, weights are
+    Follows scikit-learn: :math:`n_k` gets ``10 * eps`` added (in units of
+    the mean row weight, ``stats.weight_unit``: 1 for unit weights), weights are
     :math:`n_k / \sum_j n_j`, ``reg_covar`` is added to each covariance's
     diagonal, and with ``max_condition`` each covariance's eigenvalues are
     raised to at least ``largest / max_condition``.
@@ -144,7 +167,7 @@ def m_step(
     structure = previous.structure
     dtype = stats.counts.dtype
     eps = jnp.finfo(dtype).eps
-    counts = stats.counts + 10 * eps
+    counts = stats.counts + 10 * eps * stats.weight_unit
     offsets = stats.sums / counts[:, None]
     means = stats.shift + offsets
     covariances = structure.covariances_from_scatter(

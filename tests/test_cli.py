@@ -289,6 +289,8 @@ def bad_files(files):
         "ragged.csv": "1,2\n3,4\n5\n",
         "nan.csv": "a,b\n1,2\nnan,3\n",
         "infinite.csv": "1,2\n3,inf\n",
+        # Finite as parsed (float64), infinite in float32.
+        "too_large.csv": "1,2\n3,1e300\n5,6\n",
         "empty.csv": "",
         "header_only.csv": "a,b\n",
         "three_rows.csv": "1,2\n3,4\n5,6\n",
@@ -320,6 +322,9 @@ BAD_ARGUMENTS = {
     "not a npy file": "fit {bad}/garbage.npy -k 1 -o {out}",
     "1-d npy": "fit {bad}/vector.npy -k 1 -o {out}",
     "nan in npy": "fit {bad}/nan.npy -k 1 -o {out}",
+    "too large for float32": "fit {bad}/too_large.csv -k 1 -o {out}",
+    "scoring data too large for float32": "score {model} {bad}/too_large.csv",
+    "regularisation too large for float32": FIT + "--reg-covar 1e300",
     "strings in npy": "fit {bad}/strings.npy -k 1 -o {out}",
     "more components than rows": "fit {bad}/three_rows.csv -k 4 -o {out}",
     "zero components": "fit {csv} -k 0 -o {out}",

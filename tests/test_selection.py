@@ -75,3 +75,31 @@ def test_anomaly_threshold_flags_the_requested_fraction():
     assert bool(np.all(result.gmm.log_prob(X[:5] + 100.0) < threshold))
     with pytest.raises(ValueError, match="contamination"):
         jaxgmm.anomaly_threshold(result.gmm, X, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda g, x: jaxgmm.bic(g, x, -np.ones(len(x))), "sample_weight"),
+        (lambda g, x: jaxgmm.aic(g, x, np.zeros(len(x))), "sample_weight"),
+        (lambda g, x: jaxgmm.bic(g, np.vstack([x, [[np.nan, 0.0]]])), "x"),
+        (
+            lambda g, x: jaxgmm.anomaly_threshold(g, np.vstack([x, [[np.inf, 0.0]]])),
+            "x",
+        ),
+    ],
+)
+def test_scores_reject_bad_input_instead_of_returning_nan(call, name):
+    x, _ = make_blobs(seed=4, n=60)
+    gmm = jaxgmm.fit(jax.random.key(0), x, 2).gmm
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        call(gmm, x)
+
+
+def test_scores_under_jit_raise_at_run_time_on_bad_weights():
+    x, _ = make_blobs(seed=4, n=60)
+    gmm = jaxgmm.fit(jax.random.key(0), x, 2).gmm
+    bic = jax.jit(lambda x, w: jaxgmm.bic(gmm, x, w))
+    assert np.isfinite(bic(x, np.ones(len(x), np.float32)))
+    with pytest.raises(Exception, match="sample_weight"):
+        jax.block_until_ready(bic(x, -np.ones(len(x), np.float32)))

@@ -103,6 +103,43 @@ def test_float64_in_float64_out(x64):
     assert result.log_likelihood.dtype == jnp.float64
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_input_is_fitted_in_float32(dtype):
+    # Half precision has too few bits for EM's sums (and its 10 * eps is
+    # 0.01): the rows are converted, and the fit is that of the float32 rows.
+    half = jnp.asarray(X, dtype)
+    result = jaxgmm.fit(jax.random.key(0), half, 3, max_iter=5, tol=0.0)
+    same = jaxgmm.fit(
+        jax.random.key(0), half.astype(jnp.float32), 3, max_iter=5, tol=0.0
+    )
+    assert result.gmm.means.dtype == jnp.float32
+    assert_trees_close(result, same, rtol=1e-6, atol=1e-6)
+    gmm = jaxgmm.GMM(
+        jnp.asarray([0.25, 0.75], dtype),
+        jnp.zeros((2, 2), dtype),
+        jnp.ones((2, 2), dtype),
+        "diag",
+    )
+    assert gmm.precisions_cholesky.dtype == jnp.float32
+
+
+def test_gradient_with_respect_to_a_zero_weight_is_the_one_sided_derivative(x64):
+    # A weight of 0 means the row is absent, but the loss is still a smooth
+    # function of that weight from the right: its gradient is not cut to 0.
+    x = jnp.asarray(np.r_[X[:60], [[0.5, 0.5]]], jnp.float64)
+    weight = jnp.asarray(np.r_[np.ones(60), 0.0])
+    start = jaxgmm.fit(jax.random.key(0), X[:60].astype(np.float64), 3, max_iter=2).gmm
+
+    def loss(weight):
+        return jnp.sum(jaxgmm.em_steps(start, x, 2, weight).means)
+
+    grad = jax.grad(loss)(weight)[-1]
+    h = 1e-7
+    one_sided = (loss(weight.at[-1].set(h)) - loss(weight)) / h
+    assert abs(float(one_sided)) > 1e-3  # the row matters once it is there
+    np.testing.assert_allclose(grad, one_sided, rtol=1e-5)
+
+
 def test_em_steps_is_differentiable_and_matches_finite_differences(x64, eager):
     x = jnp.asarray(X[:60], jnp.float64)
     start = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), eager.gmm)

@@ -56,6 +56,15 @@ def with_inf(x):
         (lambda: jaxgmm.fit(jax.random.key(0), X, 3, max_iter=0), "max_iter"),
         (lambda: jaxgmm.fit(jax.random.key(0), X, 3, n_init=0), "n_init"),
         (lambda: jaxgmm.fit(jax.random.key(0), X, 3, reg_covar=-1.0), "reg_covar"),
+        # Finite in float64 but not in the data's float32.
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 3, reg_covar=1e39), "reg_covar"),
+        (lambda: jaxgmm.fit(jax.random.key(0), X, 3, reg_covar=np.inf), "reg_covar"),
+        (
+            lambda: jaxgmm.em_step(
+                jaxgmm.fit(jax.random.key(0), X, 3).gmm, X, reg_covar=1e39
+            ),
+            "reg_covar",
+        ),
         (lambda: jaxgmm.fit(jax.random.key(0), X, 3, tol=-1.0), "tol"),
         (
             lambda: jaxgmm.fit(jax.random.key(0), X, 3, max_condition=0.5),
@@ -204,3 +213,22 @@ def test_kmeans_under_jit_raises_at_run_time_on_bad_data():
     assert np.all(np.isfinite(kmeans(X)))
     with pytest.raises(Exception, match="NaN or infinite"):
         jax.block_until_ready(kmeans(with_inf(X)))
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-6, 1e10])
+def test_scaling_every_weight_by_one_number_changes_no_fit(scale):
+    # Weights are row multiplicities: probabilities summing to 1 over the rows
+    # (1e-6 each for a million rows) must fit like unit weights. sklearn's
+    # 10 * eps is counted in units of the mean row weight for that.
+    unit = jaxgmm.fit(jax.random.key(0), X, 3, tol=0.0, max_iter=10)
+    scaled = jaxgmm.fit(
+        jax.random.key(0),
+        X,
+        3,
+        tol=0.0,
+        max_iter=10,
+        sample_weight=np.full(len(X), scale, np.float32),
+    )
+    np.testing.assert_allclose(scaled.gmm.means, unit.gmm.means, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scaled.gmm.weights, unit.gmm.weights, rtol=1e-5)
+    np.testing.assert_allclose(scaled.log_likelihood, unit.log_likelihood, rtol=1e-5)

@@ -139,14 +139,26 @@ def check_status(out, status: Array):
 # -- EM ------------------------------------------------------------------------
 
 
-def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition):
+def _em_loop(
+    gmm: GMM,
+    data: Data,
+    max_iter: int,
+    tol,
+    reg_covar,
+    max_condition,
+    batch_axes: tuple[str, ...] = (),
+):
     """sklearn's EM loop: E-step (log-likelihood of the current parameters),
-    M-step, stop once the log-likelihood changes by less than ``tol``."""
+    M-step, stop once the log-likelihood changes by less than ``tol``.
+    ``batch_axes``: the named ``vmap`` axes the loop runs under (see
+    ``e_step_stats``)."""
     dtype = data.x.dtype
 
     def step(carry, _):
         gmm, iteration, history, previous, converged = carry
-        new, log_likelihood = em_iteration(gmm, data, reg_covar, max_condition)
+        new, log_likelihood = em_iteration(
+            gmm, data, reg_covar, max_condition, batch_axes
+        )
         active = ~converged & (iteration < max_iter)
         gmm = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, gmm)
         # A select rather than a scatter: under vmap the iteration differs
@@ -185,6 +197,12 @@ def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition)
     return gmm, log_likelihood, n_iter, converged, history
 
 
+#: Names of the ``vmap`` axes of a batch of fits and of ``n_init`` restarts:
+#: EM chooses its E-step once per block of a batch (see ``e_step_stats``).
+BATCH_AXIS = "jaxgmm_batch"
+RESTART_AXIS = "jaxgmm_restart"
+
+
 @partial(
     jax.jit,
     static_argnames=(
@@ -193,6 +211,7 @@ def _em_loop(gmm: GMM, data: Data, max_iter: int, tol, reg_covar, max_condition)
         "max_iter",
         "init",
         "n_init",
+        "batch_axes",
     ),
 )
 def _fit(
@@ -209,10 +228,13 @@ def _fit(
     max_iter,
     init,
     n_init,
+    batch_axes=(),
 ):
     # Bad data are masked inside make_data; the status reports them (fit turns
     # it into an error with throw=True).
     data, status = make_data(x, sample_weight, n_components)
+    if n_init > 1:
+        batch_axes = batch_axes + (RESTART_AXIS,)
 
     def run(key):
         if init_gmm is None:
@@ -221,12 +243,14 @@ def _fit(
             )
         else:
             start = shift_means(init_gmm, -data.centre)
-        return _em_loop(start, data, max_iter, tol, reg_covar, max_condition)
+        return _em_loop(
+            start, data, max_iter, tol, reg_covar, max_condition, batch_axes
+        )
 
     if n_init == 1:
         gmm, log_likelihood, n_iter, converged, history = run(key)
     else:
-        runs = jax.vmap(run)(jax.random.split(key, n_init))
+        runs = jax.vmap(run, axis_name=RESTART_AXIS)(jax.random.split(key, n_init))
         scores = jnp.where(jnp.isnan(runs[1]), -jnp.inf, runs[1])
         best = jnp.argmax(scores)
         gmm, log_likelihood, n_iter, converged, history = jax.tree.map(
@@ -278,12 +302,14 @@ def _divisor_block(axis_size: int, block: int) -> int:
 def _batchable_fit(n_rows: int, n_features: int, **static):
     """``_fit`` with a vmap rule that runs a batch in cache-sized blocks.
 
-    Under ``jax.vmap`` the batch is processed by ``lax.map(..., batch_size)``:
-    each block is vmapped as usual, blocks run one after another. Only the
-    batched leaves are mapped; unbatched ones (a shared ``x``, say) are
-    closed over, never replicated.
+    Under ``jax.vmap`` the batch is processed in blocks: each block is
+    vmapped (with ``axis_name=BATCH_AXIS``), blocks run one after another
+    (``lax.map``), and a remainder block after them. Only the batched leaves
+    are mapped; unbatched ones (a shared ``x``, say) are closed over, never
+    replicated.
     """
     run = partial(_fit, **static)
+    batched_run = partial(_fit, **static, batch_axes=(BATCH_AXIS,))
     block = max(1, BLOCK_ELEMENTS // (n_rows * n_features * static["n_components"]))
 
     @custom_vmap
@@ -299,12 +325,37 @@ def _batchable_fit(n_rows: int, n_features: int, **static):
         def one(mapped_leaves):
             supply = iter(mapped_leaves)
             full = [next(supply) if b else leaf for leaf, b in zip(leaves, flags)]
-            return run(*jax.tree.unflatten(treedef, full))
+            return batched_run(*jax.tree.unflatten(treedef, full))
 
-        out = lax.map(one, mapped, batch_size=_divisor_block(axis_size, block))
+        out = _map_in_blocks(
+            jax.vmap(one, axis_name=BATCH_AXIS),
+            mapped,
+            axis_size,
+            _divisor_block(axis_size, block),
+        )
         return out, jax.tree.map(lambda _: True, out)
 
     return fit_one
+
+
+def _map_in_blocks(block_fn, leaves, axis_size: int, block: int):
+    """``block_fn`` over ``leaves`` in blocks of ``block`` rows: what
+    ``lax.map(..., batch_size=block)`` does, with ``block_fn`` (vmapped with
+    an axis name) applied to each block as it is."""
+    n_full, rest = divmod(axis_size, block)
+    outs = []
+    if n_full:
+        head = [
+            leaf[: n_full * block].reshape((n_full, block) + leaf.shape[1:])
+            for leaf in leaves
+        ]
+        out = lax.map(block_fn, head)
+        outs.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out))
+    if rest:
+        outs.append(block_fn([leaf[n_full * block :] for leaf in leaves]))
+    if len(outs) == 1:
+        return outs[0]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *outs)
 
 
 def fit(

@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._covariance import CovarianceStructure, log_normaliser, structure_for
+from ._covariance import (
+    CovarianceStructure,
+    log_normaliser,
+    squared_distances,
+    structure_for,
+)
+from ._linalg import UNROLL_MAX_DIM
 
 
 def is_concrete(*arrays) -> bool:
@@ -233,18 +239,26 @@ class GMM(eqx.Module):
     def joint_log_prob(self, x: Float[Array, "n d"]) -> Float[Array, "k n"]:
         """``log pi_k + log N(x_n | mu_k, Sigma_k)``, component-major, unchecked.
 
-        The one place the mixture's log density is formed; EM's E-step and the
-        public density methods both use it.
+        The public density methods all use it. With more than
+        ``UNROLL_MAX_DIM`` features the rows and means are first taken
+        relative to the mixture's mean, so that data far from the origin keep
+        their precision in float32; where the components are still too far
+        apart for the matrix-product distances, each row is taken relative
+        to its nearest mean (see ``_covariance.loses_precision``).
         """
-        return self.joint_log_prob_from_features(self.structure.row_features(x))
-
-    def joint_log_prob_from_features(self, features: Array) -> Float[Array, "k n"]:
-        """``joint_log_prob`` of rows given as ``structure.row_features(x)``."""
         structure = self.structure
-        squared = structure.squared_mahalanobis(
-            features, self.means, self.precisions_cholesky
-        )
-        log_det = structure.log_det_precisions_cholesky(
+        means = self.means
+        if self.n_features > UNROLL_MAX_DIM:
+            origin = self.weights @ means
+            x, means = x - origin, means - origin
+        squared = squared_distances(structure, x, means, self.precisions_cholesky)
+        return self.joint_log_prob_from_squared(squared)
+
+    def joint_log_prob_from_squared(
+        self, squared: Float[Array, "k n"]
+    ) -> Float[Array, "k n"]:
+        """``joint_log_prob`` from the squared Mahalanobis distances."""
+        log_det = self.structure.log_det_precisions_cholesky(
             self.precisions_cholesky, self.n_components, self.n_features
         )
         offset = log_det + jnp.log(self.weights) - log_normaliser(self.n_features)

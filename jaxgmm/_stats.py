@@ -10,12 +10,15 @@ the union of ``a`` and ``b``.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import equinox as eqx
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Float
 
 from . import _linalg
+from ._covariance import loses_precision
 from ._data import Data
 from ._gmm import GMM
 
@@ -95,18 +98,53 @@ def _max_over_components(log_prob: Float[Array, "k n"]) -> Float[Array, " n"]:
     return _linalg.elementwise_reduce(jnp.maximum, log_prob, 0)
 
 
-def e_step_stats(gmm: GMM, data: Data) -> Stats:
+def e_step_stats(gmm: GMM, data: Data, batch_axes: tuple[str, ...] = ()) -> Stats:
     """E-step: responsibilities of every row, summed into :class:`Stats`.
 
-    ``gmm`` must be in the data's centred coordinates.
-    """
-    structure = gmm.structure
-    shift = structure.scatter_shift(gmm.means)
+    ``gmm`` must be in the data's centred coordinates. With many features
+    the distances and the scatter are matrix products of per-row features
+    about the data centre, which lose about ``eps`` times the squared
+    Mahalanobis distance of the centre from a component. Where that is more
+    than ``_covariance.PRECISION_LIMIT`` (float32 components some hundred
+    standard deviations from the centre, see ``loses_precision``), the
+    E-step takes each row relative to its nearest mean instead
+    (``anchored_parts``) and accumulates each component's scatter about its
+    current mean: the loss then grows with the distance, not its square, at
+    1.5-2.5x the cost.
 
-    def chunk(xc, weight, _):
+    ``batch_axes`` names the ``vmap`` axes (``axis_name``) this call is
+    batched over, if any: the choice between the two is then made once for
+    the whole batch (a ``lax.cond`` with a batched predicate would run both).
+    """
+    anchored = loses_precision(gmm.structure, gmm.means, gmm.precisions_cholesky)
+    if anchored is False:
+        return _e_step_stats(gmm, data, anchored=False)
+    if batch_axes:
+        anchored = lax.pmax(anchored.astype(jnp.int32), batch_axes) > 0
+    return lax.cond(
+        anchored,
+        lambda gmm: _e_step_stats(gmm, data, anchored=True),
+        lambda gmm: _e_step_stats(gmm, data, anchored=False),
+        gmm,
+    )
+
+
+def _e_step_stats(gmm: GMM, data: Data, anchored: bool) -> Stats:
+    structure = gmm.structure
+    means, factors = gmm.means, gmm.precisions_cholesky
+    shift = means if anchored else structure.scatter_shift(means)
+
+    def distances_and_moments(xc):
+        if anchored:
+            return structure.anchored_parts(xc, means, factors)
         # Computed once: the distances and the moments read the same features.
         features = structure.row_features(xc)
-        log_prob = gmm.joint_log_prob_from_features(features)
+        squared = structure.squared_mahalanobis(features, means, factors)
+        return squared, partial(structure.moments, features, shift=shift)
+
+    def chunk(xc, weight, _):
+        squared, moments = distances_and_moments(xc)
+        log_prob = gmm.joint_log_prob_from_squared(squared)
         # One exp per (component, row) serves both the log-sum-exp and the
         # responsibilities.
         peak = _max_over_components(log_prob)
@@ -121,7 +159,7 @@ def e_step_stats(gmm: GMM, data: Data) -> Stats:
         log_norm = peak + jnp.log(total)
         scale = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
         # Responsibilities times row weights: unnormalised * scale[None, :].
-        counts, sums, scatter = structure.moments(features, unnormalised, shift, scale)
+        counts, sums, scatter = moments(unnormalised, row_scale=scale)
         # A row of weight 0 adds 0 even where its density is 0 (log_norm is
         # -inf), and its derivative with respect to the weight where it is not.
         counted = (weight > 0) | _linalg.is_finite(log_norm)
@@ -188,9 +226,11 @@ def m_step(
     )
 
 
-def em_iteration(gmm: GMM, data: Data, reg_covar, max_condition) -> tuple[GMM, Array]:
+def em_iteration(
+    gmm: GMM, data: Data, reg_covar, max_condition, batch_axes: tuple[str, ...] = ()
+) -> tuple[GMM, Array]:
     """One EM iteration: ``(new_gmm, mean log-likelihood of gmm)``."""
-    stats = e_step_stats(gmm, data)
+    stats = e_step_stats(gmm, data, batch_axes)
     # make_data keeps the total weight positive, so it divides as it is.
     log_likelihood = stats.log_likelihood / data.total_weight
     return m_step(stats, gmm, reg_covar, max_condition), log_likelihood

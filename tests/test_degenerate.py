@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from conftest import COVARIANCE_TYPES, make_blobs
 
 import jaxgmm
@@ -118,3 +119,198 @@ def test_zero_reg_covar_on_identical_points_stays_finite():
     result = jaxgmm.fit(jax.random.key(7), x, 3, reg_covar=0.0)
     for leaf in jax.tree.leaves(result.gmm):
         assert np.all(np.isfinite(leaf))
+
+
+# -- components far apart in float32 (more than UNROLL_MAX_DIM features) ------------
+
+FAR_D = 6
+
+
+def far_apart_clusters(separation, n=120, d=FAR_D, seed=1):
+    """Two tight clusters (standard deviation 0.1) `separation` apart in every
+    coordinate: each sits ~separation / 0.1 * sqrt(d) / 2 standard deviations
+    from the data centre."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate(
+        [0.1 * rng.normal(size=(n, d)), separation + 0.1 * rng.normal(size=(n, d))]
+    )
+    return x
+
+
+@pytest.fixture(scope="module")
+def far_apart_float64_fits():
+    # float64 references, fitted with x64 on, for every covariance type.
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x = far_apart_clusters(1000.0)
+        fits = {
+            kind: jaxgmm.fit(jax.random.key(0), x, 2, covariance_type=kind)
+            for kind in COVARIANCE_TYPES
+        }
+        return x, {
+            kind: (
+                np.asarray(r.gmm.covariances, np.float64),
+                np.asarray(r.gmm.means, np.float64),
+                float(r.log_likelihood),
+            )
+            for kind, r in fits.items()
+        }
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_far_apart_float32_clusters_keep_their_covariances(
+    covariance_type, far_apart_float64_fits
+):
+    # Two clusters ~2e4 standard deviations from the data centre: the
+    # matrix-product E-step would lose all of their variance (eps times 4e8)
+    # and the log-likelihood with it; the per-component E-step keeps them.
+    x, references = far_apart_float64_fits
+    covariances, means, log_likelihood = references[covariance_type]
+    result = jaxgmm.fit(
+        jax.random.key(0), x.astype(np.float32), 2, covariance_type=covariance_type
+    )
+    assert int(result.status) == 0
+    order = np.argsort(np.asarray(result.gmm.means)[:, 0])
+    expected_order = np.argsort(means[:, 0])
+    fitted = np.asarray(result.gmm.covariances, np.float64)
+    if covariance_type != "tied":
+        fitted, covariances = fitted[order], covariances[expected_order]
+    # To 1e-3 of the variances (the anchored E-step loses about eps times the
+    # distance in standard deviations, ~1e4 here: 1e-3 relative).
+    np.testing.assert_allclose(fitted, covariances, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(result.gmm.means, np.float64)[order],
+        means[expected_order],
+        rtol=1e-5,
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(float(result.log_likelihood), log_likelihood, atol=1e-3)
+
+
+def test_far_apart_clusters_in_a_vmapped_batch_and_with_restarts():
+    # One data set of the batch needs the per-component E-step: the choice is
+    # made for the whole block, and each fit still equals its own fit alone.
+    near = far_apart_clusters(1.0, seed=2).astype(np.float32)
+    far = far_apart_clusters(1000.0, seed=3).astype(np.float32)
+    xs = np.stack([near, far])
+    keys = jax.random.split(jax.random.key(5), 2)
+    # A fixed number of steps: tol could stop the two runs one step apart.
+    options = dict(covariance_type="diag", tol=0.0, max_iter=20)
+    batch = jax.vmap(lambda k, x: jaxgmm.fit(k, x, 2, **options))(keys, xs)
+    for i, x in enumerate(xs):
+        alone = jaxgmm.fit(keys[i], x, 2, **options)
+        # Equal up to the anchored E-step's rounding (~2e-4 at 1e4 standard
+        # deviations), which batched and single products round differently.
+        np.testing.assert_allclose(
+            batch.gmm.covariances[i], alone.gmm.covariances, rtol=1e-3, atol=1e-7
+        )
+    restarts = jaxgmm.fit(jax.random.key(6), far, 2, covariance_type="diag", n_init=2)
+    variances = np.asarray(restarts.gmm.covariances)
+    # Both clusters' variances, ~0.01 each, not the 1e-6 of a lost variance.
+    assert np.all((variances > 0.005) & (variances < 0.02))
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_log_prob_of_data_far_from_the_origin_matches_scipy(covariance_type):
+    # 1e4 standard deviations from the origin in float32: the density methods
+    # work relative to the mixture's mean, and per component where needed.
+    x = (100.0 + far_apart_clusters(0.5, n=50)).astype(np.float32)
+    rng = np.random.default_rng(7)
+    means = np.stack([x[:50].mean(0), x[50:].mean(0)]).astype(np.float32)
+    gmm = jaxgmm.GMM(np.array([0.4, 0.6]), means, np.full((2, FAR_D), 0.01), "diag")
+    if covariance_type != "diag":
+        covariances = {
+            "full": np.broadcast_to(
+                np.diag(rng.uniform(0.005, 0.02, FAR_D)), (2, FAR_D, FAR_D)
+            ),
+            "tied": np.diag(rng.uniform(0.005, 0.02, FAR_D)),
+            "spherical": np.array([0.01, 0.02]),
+        }[covariance_type]
+        gmm = jaxgmm.GMM(gmm.weights, means, covariances, covariance_type)
+    dense = np.asarray(gmm.full_covariances, np.float64)
+    expected = np.logaddexp(
+        *[
+            np.log(w)
+            + scipy.stats.multivariate_normal(m, c).logpdf(x.astype(np.float64))
+            for w, m, c in zip(
+                np.asarray(gmm.weights, np.float64), means.astype(np.float64), dense
+            )
+        ]
+    )
+    np.testing.assert_allclose(gmm.log_prob(x), expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_anchored_forms_equal_per_component_differences(x64, covariance_type):
+    # The anchored distances and moments (used for components far from the
+    # rows' origin) against the definitions, from x - mu_k in numpy float64.
+    from jaxgmm._covariance import structure_for
+
+    structure = structure_for(covariance_type)
+    rng = np.random.default_rng(8)
+    k, d, n = 3, FAR_D, 40
+    # Rows spread over all three components, so every anchor is used.
+    x = rng.normal(size=(n, d)) + 3.0 * rng.normal(size=(k, d))[np.arange(n) % k]
+    covariances = {
+        "full": np.stack(
+            [np.eye(d) + 0.3 * np.outer(v, v) for v in rng.normal(size=(k, d))]
+        ),
+        "tied": np.eye(d) * 1.5 + 0.2,
+        "diag": rng.uniform(0.5, 2.0, (k, d)),
+        "spherical": rng.uniform(0.5, 2.0, k),
+    }[covariance_type]
+    gmm = jaxgmm.GMM(
+        np.array([0.2, 0.3, 0.5]), rng.normal(size=(k, d)), covariances, covariance_type
+    )
+    means = np.asarray(gmm.means)
+    dense = np.asarray(gmm.full_covariances)
+    precisions = np.linalg.inv(dense)
+    diff = x[None, :, :] - means[:, None, :]  # (k, n, d)
+    squared, moments = structure.anchored_parts(x, gmm.means, gmm.precisions_cholesky)
+    np.testing.assert_allclose(
+        squared, np.einsum("knd,kde,kne->kn", diff, precisions, diff), rtol=1e-10
+    )
+    resp = rng.uniform(size=(k, n))
+    scale = rng.uniform(size=n)
+    weighted = resp * scale
+    counts, sums, scatter = moments(resp, scale)
+    np.testing.assert_allclose(counts, weighted.sum(1), rtol=1e-12)
+    np.testing.assert_allclose(
+        sums, np.einsum("kn,knd->kd", weighted, diff), rtol=1e-10
+    )
+    outer = np.einsum("kn,knd,kne->kde", weighted, diff, diff)
+    expected = outer if scatter.ndim == 3 else np.diagonal(outer, axis1=1, axis2=2)
+    np.testing.assert_allclose(scatter, expected, rtol=1e-9, atol=1e-9)
+    # The scale of the cancelled terms: |mu_k|^T |P_k| |mu_k|, per component.
+    magnitude = np.abs(means)
+    np.testing.assert_allclose(
+        structure.cancellation(gmm.means, gmm.precisions_cholesky),
+        np.einsum("ki,kij,kj->k", magnitude, np.abs(precisions), magnitude),
+        rtol=1e-9,
+    )
+
+
+def test_the_anchored_e_step_is_chosen_only_for_components_far_from_the_centre():
+    from jaxgmm._covariance import loses_precision, structure_for
+
+    structure = structure_for("full")
+    near = jaxgmm.fit(jax.random.key(0), far_apart_clusters(1.0).astype(np.float32), 2)
+    far = jaxgmm.fit(jax.random.key(0), far_apart_clusters(30.0).astype(np.float32), 2)
+    for result, expected in ((near, False), (far, True)):
+        centre = np.mean(np.asarray(result.gmm.means), axis=0)
+        means = result.gmm.means - centre
+        assert (
+            bool(loses_precision(structure, means, result.gmm.precisions_cholesky))
+            is expected
+        )
+    # Statically never in float64 or with few features.
+    assert loses_precision(structure, np.zeros((2, 6)), np.ones((2, 6, 6))) is False
+    assert (
+        loses_precision(
+            structure, np.zeros((2, 4), np.float32), np.ones((2, 4, 4), np.float32)
+        )
+        is False
+    )

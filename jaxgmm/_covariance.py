@@ -110,6 +110,11 @@ class CovarianceStructure:
         ...
 
     @staticmethod
+    def scatter_diagonal(scatter: Array) -> Float[Array, "k d"]:
+        """The per-feature entries of a ``(K, ...)`` scatter statistic."""
+        ...
+
+    @staticmethod
     def anchored_parts(
         x: Float[Array, "n d"], means: Float[Array, "k d"], precisions_cholesky
     ):
@@ -542,6 +547,12 @@ class Full(CovarianceStructure):
     anchored_parts = staticmethod(_anchored_quadratic_parts)
 
     @staticmethod
+    def scatter_diagonal(scatter):
+        # A masked sum rather than jnp.diagonal's gather (see
+        # log_det_precisions_cholesky).
+        return jnp.sum(scatter * jnp.eye(scatter.shape[-1], dtype=scatter.dtype), -1)
+
+    @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
         d = offsets.shape[-1]
         covariances = scatter / counts[:, None, None] - (
@@ -641,6 +652,10 @@ class Tied(CovarianceStructure):
         k = means.shape[0]
         tiled = jnp.broadcast_to(precisions_cholesky, (k,) + precisions_cholesky.shape)
         return _anchored_quadratic_parts(x, means, tiled)
+
+    @staticmethod
+    def scatter_diagonal(scatter):
+        return Full.scatter_diagonal(scatter)
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -749,6 +764,10 @@ class Diag(CovarianceStructure):
         return _anchored_diagonal_parts(x, means, precisions_cholesky**2)
 
     @staticmethod
+    def scatter_diagonal(scatter):
+        return scatter
+
+    @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
         variances = jnp.maximum(scatter / counts[:, None] - offsets**2, 0.0) + reg_covar
         if max_condition is not None:
@@ -847,6 +866,10 @@ class Spherical(CovarianceStructure):
     def anchored_parts(x, means, precisions_cholesky):
         precisions = jnp.broadcast_to((precisions_cholesky**2)[:, None], means.shape)
         return _anchored_diagonal_parts(x, means, precisions)
+
+    @staticmethod
+    def scatter_diagonal(scatter):
+        return scatter
 
     @staticmethod
     def covariances_from_scatter(scatter, counts, offsets, reg_covar, max_condition):
@@ -962,8 +985,41 @@ def loses_precision(
     the usual forms are per-component differences already, and in float64,
     where components would have to sit ~1e6 standard deviations apart).
     """
-    dtype = jnp.dtype(means.dtype)
-    if means.shape[-1] <= _linalg.UNROLL_MAX_DIM or dtype.itemsize > 4:
+    if not may_lose_precision(means):
         return False
     scale = structure.cancellation(means, precisions_cholesky)
-    return jnp.finfo(dtype).eps * jnp.max(scale) > PRECISION_LIMIT
+    return jnp.finfo(means.dtype).eps * jnp.max(scale) > PRECISION_LIMIT
+
+
+def may_lose_precision(means: Float[Array, "k d"]) -> bool:
+    """False where the matrix-product forms are exact enough whatever the
+    parameters (see :func:`loses_precision`): a static property of the shape
+    and dtype."""
+    dtype = jnp.dtype(means.dtype)
+    return means.shape[-1] > _linalg.UNROLL_MAX_DIM and dtype.itemsize <= 4
+
+
+def scatter_loses_precision(
+    structure: type[CovarianceStructure],
+    counts: Float[Array, " k"],
+    sums: Float[Array, "k d"],
+    scatter: Array,
+    reg_covar,
+    nonempty,
+):
+    """Whether a scatter accumulated about the origin (the matrix-product
+    moments) cancelled more than ``PRECISION_LIMIT`` of a variance: its
+    rounding, about ``eps`` times the raw second moment, against the variance
+    it leaves (plus ``reg_covar``), for the ``nonempty`` components.
+
+    The distances' check (:func:`loses_precision`) sees the current
+    covariances; this one sees the new ones, which can be far tighter (a
+    start with the whole data's covariance, say).
+    """
+    n = jnp.maximum(counts, jnp.finfo(counts.dtype).tiny)[:, None]
+    raw = structure.scatter_diagonal(scatter) / n
+    variance = raw - (sums / n) ** 2 + reg_covar
+    eps = jnp.finfo(counts.dtype).eps
+    # Also true where rounding left no variance at all (variance <= 0).
+    lost = eps * raw > PRECISION_LIMIT * variance
+    return jnp.any(lost & nonempty[:, None])

@@ -14,12 +14,12 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._covariance import structure_for
+from ._covariance import may_lose_precision, structure_for
 from ._data import Data, data_status, make_data
 from ._gmm import GMM, as_array, is_concrete, isotropic_gmm, prepare_x
 from ._init import check_init, initial_gmm
 from ._linalg import is_finite, vector_finite
-from ._stats import em_iteration
+from ._stats import em_iteration, em_iteration_redone
 from ._status import MESSAGES, Status
 
 
@@ -150,16 +150,31 @@ def _em_loop(
 ):
     """sklearn's EM loop: E-step (log-likelihood of the current parameters),
     M-step, stop once the log-likelihood changes by less than ``tol``.
-    ``batch_axes``: the named ``vmap`` axes the loop runs under (see
-    ``e_step_stats``)."""
+
+    Where the E-step may need its anchored form (see ``e_step_stats``), each
+    iteration chooses it from the current parameters, and an iteration whose
+    matrix-product moments lost precision (``redo``) does not count: the
+    next one makes it again anchored, as every later one is (at most one
+    extra E-step per fit). ``batch_axes``: the named ``vmap`` axes the loop
+    runs under; a block of fits chooses together.
+    """
     dtype = data.x.dtype
+    anchoring = may_lose_precision(gmm.means)
 
     def step(carry, _):
-        gmm, iteration, history, previous, converged = carry
-        new, log_likelihood = em_iteration(
-            gmm, data, reg_covar, max_condition, batch_axes
+        gmm, iteration, history, previous, converged, anchored = carry
+        new, log_likelihood, redo = em_iteration(
+            gmm,
+            data,
+            reg_covar,
+            max_condition,
+            anchored=anchored if anchoring else False,
+            batch_axes=batch_axes,
         )
         active = ~converged & (iteration < max_iter)
+        if redo is not False:
+            anchored = anchored | redo
+            active = active & ~redo
         gmm = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, gmm)
         # A select rather than a scatter: under vmap the iteration differs
         # between fits, and the scatter cost a copy of the batch's history.
@@ -174,10 +189,11 @@ def _em_loop(
             history,
             previous,
             converged,
+            anchored,
         ), None
 
     def cond(carry):
-        _, iteration, _, _, converged = carry
+        _, iteration, _, _, converged, _ = carry
         return (iteration < max_iter) & ~converged
 
     def body(carry):
@@ -192,8 +208,11 @@ def _em_loop(
         jnp.full((max_iter,), jnp.nan, dtype),
         jnp.array(-jnp.inf, dtype),
         jnp.array(False),
+        jnp.array(False),
     )
-    gmm, n_iter, history, log_likelihood, converged = lax.while_loop(cond, body, carry)
+    gmm, n_iter, history, log_likelihood, converged, _ = lax.while_loop(
+        cond, body, carry
+    )
     return gmm, log_likelihood, n_iter, converged, history
 
 
@@ -475,7 +494,7 @@ def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
     data, status = make_data(x, sample_weight, gmm.n_components)
 
     def step(gmm, _):
-        return em_iteration(gmm, data, reg_covar, max_condition)
+        return em_iteration_redone(gmm, data, reg_covar, max_condition)
 
     gmm, log_likelihoods = lax.scan(
         step, shift_means(gmm, -data.centre), None, length=n_steps

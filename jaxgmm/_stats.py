@@ -18,7 +18,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from . import _linalg
-from ._covariance import loses_precision
+from ._covariance import loses_precision, may_lose_precision, scatter_loses_precision
 from ._data import Data
 from ._gmm import GMM
 
@@ -98,7 +98,9 @@ def _max_over_components(log_prob: Float[Array, "k n"]) -> Float[Array, " n"]:
     return _linalg.elementwise_reduce(jnp.maximum, log_prob, 0)
 
 
-def e_step_stats(gmm: GMM, data: Data, batch_axes: tuple[str, ...] = ()) -> Stats:
+def e_step_stats(
+    gmm: GMM, data: Data, batch_axes: tuple[str, ...] = (), anchored=False
+) -> Stats:
     """E-step: responsibilities of every row, summed into :class:`Stats`.
 
     ``gmm`` must be in the data's centred coordinates. With many features
@@ -106,27 +108,38 @@ def e_step_stats(gmm: GMM, data: Data, batch_axes: tuple[str, ...] = ()) -> Stat
     about the data centre, which lose about ``eps`` times the squared
     Mahalanobis distance of the centre from a component. Where that is more
     than ``_covariance.PRECISION_LIMIT`` (float32 components some hundred
-    standard deviations from the centre, see ``loses_precision``), the
-    E-step takes each row relative to its nearest mean instead
-    (``anchored_parts``) and accumulates each component's scatter about its
-    current mean: the loss then grows with the distance, not its square, at
-    1.5-2.5x the cost.
+    standard deviations from the centre, see ``loses_precision``), or where
+    ``anchored`` (a bool, possibly traced), the E-step takes each row
+    relative to its nearest mean instead (``anchored_parts``) and
+    accumulates each component's scatter about its current mean: the loss
+    then grows with the distance, not its square, at 1.5-2.5x the cost.
 
     ``batch_axes`` names the ``vmap`` axes (``axis_name``) this call is
     batched over, if any: the choice between the two is then made once for
     the whole batch (a ``lax.cond`` with a batched predicate would run both).
     """
-    anchored = loses_precision(gmm.structure, gmm.means, gmm.precisions_cholesky)
-    if anchored is False:
-        return _e_step_stats(gmm, data, anchored=False)
+    return _chosen_e_step(gmm, data, batch_axes, anchored)[0]
+
+
+def _chosen_e_step(gmm: GMM, data: Data, batch_axes, anchored):
+    """``(stats, whether they are anchored)``: a bool, or Python ``False``
+    where the anchored E-step is never needed (see ``may_lose_precision``)."""
+    if not may_lose_precision(gmm.means):
+        return _e_step_stats(gmm, data, anchored=False), False
+    if anchored is True:
+        return _e_step_stats(gmm, data, anchored=True), True
+    choice = anchored | loses_precision(
+        gmm.structure, gmm.means, gmm.precisions_cholesky
+    )
     if batch_axes:
-        anchored = lax.pmax(anchored.astype(jnp.int32), batch_axes) > 0
-    return lax.cond(
-        anchored,
+        choice = lax.pmax(choice.astype(jnp.int32), batch_axes) > 0
+    stats = lax.cond(
+        choice,
         lambda gmm: _e_step_stats(gmm, data, anchored=True),
         lambda gmm: _e_step_stats(gmm, data, anchored=False),
         gmm,
     )
+    return stats, choice
 
 
 def _e_step_stats(gmm: GMM, data: Data, anchored: bool) -> Stats:
@@ -227,10 +240,59 @@ def m_step(
 
 
 def em_iteration(
-    gmm: GMM, data: Data, reg_covar, max_condition, batch_axes: tuple[str, ...] = ()
-) -> tuple[GMM, Array]:
-    """One EM iteration: ``(new_gmm, mean log-likelihood of gmm)``."""
-    stats = e_step_stats(gmm, data, batch_axes)
+    gmm: GMM,
+    data: Data,
+    reg_covar,
+    max_condition,
+    *,
+    anchored=None,
+    batch_axes: tuple[str, ...] = (),
+) -> tuple[GMM, Array, Array | bool]:
+    """One EM iteration: ``(new_gmm, mean log-likelihood of gmm, redo)``.
+
+    ``anchored``: ``True`` or ``False`` takes the anchored or the
+    matrix-product E-step without a choice; ``None`` chooses from the
+    current parameters (a ``lax.cond``, see :func:`e_step_stats`), and a
+    traced bool likewise but takes the anchored one wherever it is true.
+
+    ``redo`` is true where the matrix-product moments cancelled more than
+    ``PRECISION_LIMIT`` of a new variance (``scatter_loses_precision``):
+    the iteration must then be made again with ``anchored=True``. It is the
+    Python ``False`` where that cannot happen.
+    """
+    if not may_lose_precision(gmm.means):
+        used = True  # the matrix-product forms are exact enough: nothing to redo
+        stats = _e_step_stats(gmm, data, anchored=False)
+    elif anchored is True or anchored is False:
+        stats, used = _e_step_stats(gmm, data, anchored=anchored), anchored
+    else:  # None, or a traced bool: chosen per call
+        chosen = False if anchored is None else anchored
+        stats, used = _chosen_e_step(gmm, data, batch_axes, chosen)
     # make_data keeps the total weight positive, so it divides as it is.
     log_likelihood = stats.log_likelihood / data.total_weight
-    return m_step(stats, gmm, reg_covar, max_condition), log_likelihood
+    new = m_step(stats, gmm, reg_covar, max_condition)
+    if used is True:
+        return new, log_likelihood, False
+    nonempty = stats.counts * (1 / jnp.finfo(stats.counts.dtype).eps) > (
+        stats.total_weight
+    )
+    lost = scatter_loses_precision(
+        gmm.structure, stats.counts, stats.sums, stats.scatter, reg_covar, nonempty
+    )
+    return new, log_likelihood, lost if used is False else ~used & lost
+
+
+def em_iteration_redone(
+    gmm: GMM, data: Data, reg_covar, max_condition
+) -> tuple[GMM, Array]:
+    """One EM iteration, made again with the anchored E-step where the first
+    attempt's moments lost precision (see :func:`em_iteration`): for single
+    steps, where no later iteration can take over."""
+    new, log_likelihood, redo = em_iteration(gmm, data, reg_covar, max_condition)
+    if redo is False:
+        return new, log_likelihood
+
+    def again():
+        return em_iteration(gmm, data, reg_covar, max_condition, anchored=True)[:2]
+
+    return lax.cond(redo, again, lambda: (new, log_likelihood))

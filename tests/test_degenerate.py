@@ -190,6 +190,30 @@ def test_far_apart_float32_clusters_keep_their_covariances(
     np.testing.assert_allclose(float(result.log_likelihood), log_likelihood, atol=1e-3)
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_far_apart_clusters_from_a_start_with_the_whole_datas_covariance(
+    covariance_type, far_apart_float64_fits
+):
+    # init="kmeans" starts from the whole data's covariance where its first
+    # moments lose their precision: the current covariances then call for the
+    # matrix-product E-step, whose moments cancel all of the new ones. That
+    # iteration is made again anchored (before, every M-step kept the start).
+    x, references = far_apart_float64_fits
+    covariances, _, log_likelihood = references[covariance_type]
+    result = jaxgmm.fit(
+        jax.random.key(0),
+        x.astype(np.float32),
+        2,
+        covariance_type=covariance_type,
+        init="kmeans",
+    )
+    np.testing.assert_allclose(float(result.log_likelihood), log_likelihood, atol=1e-3)
+    fitted = np.sort(np.asarray(result.gmm.covariances, np.float64).ravel())
+    np.testing.assert_allclose(
+        fitted, np.sort(covariances.ravel()), rtol=1e-3, atol=1e-5
+    )
+
+
 def test_far_apart_clusters_in_a_vmapped_batch_and_with_restarts():
     # One data set of the batch needs the per-component E-step: the choice is
     # made for the whole block, and each fit still equals its own fit alone.

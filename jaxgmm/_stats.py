@@ -98,41 +98,34 @@ def _max_over_components(log_prob: Float[Array, "k n"]) -> Float[Array, " n"]:
     return _linalg.elementwise_reduce(jnp.maximum, log_prob, 0)
 
 
-def e_step_stats(
-    gmm: GMM, data: Data, batch_axes: tuple[str, ...] = (), anchored=False
-) -> Stats:
+def e_step_stats(gmm: GMM, data: Data, anchored=None) -> Stats:
     """E-step: responsibilities of every row, summed into :class:`Stats`.
 
     ``gmm`` must be in the data's centred coordinates. With many features
     the distances and the scatter are matrix products of per-row features
     about the data centre, which lose about ``eps`` times the squared
-    Mahalanobis distance of the centre from a component. Where that is more
+    Mahalanobis distance of the centre from a component. The anchored
+    E-step (``anchored_parts``) takes each row relative to its nearest mean
+    instead and accumulates each component's scatter about its current
+    mean: the loss then grows with the distance, not its square, at
+    1.5-2.5x the cost. ``anchored``: True or False takes one or the other;
+    None takes the anchored one where the matrix products would lose more
     than ``_covariance.PRECISION_LIMIT`` (float32 components some hundred
-    standard deviations from the centre, see ``loses_precision``), or where
-    ``anchored`` (a bool, possibly traced), the E-step takes each row
-    relative to its nearest mean instead (``anchored_parts``) and
-    accumulates each component's scatter about its current mean: the loss
-    then grows with the distance, not its square, at 1.5-2.5x the cost.
-
-    ``batch_axes`` names the ``vmap`` axes (``axis_name``) this call is
-    batched over, if any: the choice between the two is then made once for
-    the whole batch (a ``lax.cond`` with a batched predicate would run both).
+    standard deviations from the centre, see ``loses_precision``), as a
+    ``lax.cond``.
     """
-    return _chosen_e_step(gmm, data, batch_axes, anchored)[0]
+    if anchored is None:
+        return _chosen_e_step(gmm, data)[0]
+    return _e_step_stats(gmm, data, anchored=anchored and may_lose_precision(gmm.means))
 
 
-def _chosen_e_step(gmm: GMM, data: Data, batch_axes, anchored):
-    """``(stats, whether they are anchored)``: a bool, or Python ``False``
-    where the anchored E-step is never needed (see ``may_lose_precision``)."""
+def _chosen_e_step(gmm: GMM, data: Data):
+    """``(stats, whether they are anchored)``: a traced bool, or the Python
+    ``False`` where the anchored E-step is never needed (see
+    ``may_lose_precision``)."""
     if not may_lose_precision(gmm.means):
         return _e_step_stats(gmm, data, anchored=False), False
-    if anchored is True:
-        return _e_step_stats(gmm, data, anchored=True), True
-    choice = anchored | loses_precision(
-        gmm.structure, gmm.means, gmm.precisions_cholesky
-    )
-    if batch_axes:
-        choice = lax.pmax(choice.astype(jnp.int32), batch_axes) > 0
+    choice = loses_precision(gmm.structure, gmm.means, gmm.precisions_cholesky)
     stats = lax.cond(
         choice,
         lambda gmm: _e_step_stats(gmm, data, anchored=True),
@@ -240,38 +233,33 @@ def m_step(
 
 
 def em_iteration(
-    gmm: GMM,
-    data: Data,
-    reg_covar,
-    max_condition,
-    *,
-    anchored=None,
-    batch_axes: tuple[str, ...] = (),
+    gmm: GMM, data: Data, reg_covar, max_condition, *, anchored=None
 ) -> tuple[GMM, Array, Array | bool]:
-    """One EM iteration: ``(new_gmm, mean log-likelihood of gmm, redo)``.
+    """One EM iteration: ``(new_gmm, mean log-likelihood of gmm, lost)``.
 
-    ``anchored``: ``True`` or ``False`` takes the anchored or the
-    matrix-product E-step without a choice; ``None`` chooses from the
-    current parameters (a ``lax.cond``, see :func:`e_step_stats`), and a
-    traced bool likewise but takes the anchored one wherever it is true.
+    ``anchored``: True or False takes the anchored or the matrix-product
+    E-step; None chooses from the current parameters (a ``lax.cond``, see
+    :func:`e_step_stats`).
 
-    ``redo`` is true where the matrix-product moments cancelled more than
-    ``PRECISION_LIMIT`` of a new variance (``scatter_loses_precision``):
-    the iteration must then be made again with ``anchored=True``. It is the
-    Python ``False`` where that cannot happen.
+    ``lost`` is true where the matrix-product E-step was taken and lost
+    more than ``PRECISION_LIMIT``: in its distances (``loses_precision`` of
+    ``gmm``, unless that chose the anchored one) or in its moments, where
+    the scatter about the origin cancelled that much of a new variance
+    (``scatter_loses_precision``: the new covariances can be far tighter
+    than the current ones). The iteration should then be made with the
+    anchored E-step. ``lost`` is the Python ``False`` where the anchored
+    E-step was taken or is never needed.
     """
-    if not may_lose_precision(gmm.means):
-        used = True  # the matrix-product forms are exact enough: nothing to redo
-        stats = _e_step_stats(gmm, data, anchored=False)
-    elif anchored is True or anchored is False:
-        stats, used = _e_step_stats(gmm, data, anchored=anchored), anchored
-    else:  # None, or a traced bool: chosen per call
-        chosen = False if anchored is None else anchored
-        stats, used = _chosen_e_step(gmm, data, batch_axes, chosen)
+    possible = may_lose_precision(gmm.means)
+    if anchored is None:
+        stats, used = _chosen_e_step(gmm, data)
+    else:
+        used = bool(anchored) and possible
+        stats = _e_step_stats(gmm, data, anchored=used)
     # make_data keeps the total weight positive, so it divides as it is.
     log_likelihood = stats.log_likelihood / data.total_weight
     new = m_step(stats, gmm, reg_covar, max_condition)
-    if used is True:
+    if used is True or not possible:
         return new, log_likelihood, False
     nonempty = stats.counts * (1 / jnp.finfo(stats.counts.dtype).eps) > (
         stats.total_weight
@@ -279,15 +267,19 @@ def em_iteration(
     lost = scatter_loses_precision(
         gmm.structure, stats.counts, stats.sums, stats.scatter, reg_covar, nonempty
     )
-    return new, log_likelihood, lost if used is False else ~used & lost
+    if used is False:  # chosen statically: the distances were not checked
+        distances = loses_precision(gmm.structure, gmm.means, gmm.precisions_cholesky)
+        return new, log_likelihood, lost | distances
+    return new, log_likelihood, ~used & lost
 
 
 def em_iteration_redone(
     gmm: GMM, data: Data, reg_covar, max_condition
 ) -> tuple[GMM, Array]:
-    """One EM iteration, made again with the anchored E-step where the first
-    attempt's moments lost precision (see :func:`em_iteration`): for single
-    steps, where no later iteration can take over."""
+    """One EM iteration, made again with the anchored E-step (a
+    ``lax.cond``) where the first attempt lost precision (see
+    :func:`em_iteration`): for ``em_step`` and ``em_steps``, which return
+    parameters only."""
     new, log_likelihood, redo = em_iteration(gmm, data, reg_covar, max_condition)
     if redo is False:
         return new, log_likelihood

@@ -22,6 +22,7 @@ class Status(enum.IntEnum):
     negative_weights = 2
     too_few_weighted_rows = 3
     nonfinite_parameters = 4
+    precision_loss = 5
 
     @property
     def message(self) -> str:
@@ -42,6 +43,11 @@ _MESSAGES = {
     Status.nonfinite_parameters: (
         "the fitted parameters are not finite; try a larger `reg_covar` or set "
         "`max_condition`"
+    ),
+    Status.precision_loss: (
+        "float32 matrix-product E-steps lost more than 1e-3 of these components' "
+        "precision (tight clusters far apart); pass e_step='anchored', call fit "
+        "outside jax.jit (it then refits anchored by itself), or fit in float64"
     ),
 }
 

@@ -214,27 +214,41 @@ def test_far_apart_clusters_from_a_start_with_the_whole_datas_covariance(
     )
 
 
-def test_far_apart_clusters_in_a_vmapped_batch_and_with_restarts():
-    # One data set of the batch needs the per-component E-step: the choice is
-    # made for the whole block, and each fit still equals its own fit alone.
+def test_far_apart_clusters_under_vmap_jit_and_restarts():
+    # Eagerly, fit refits with the anchored E-step by itself. Under a
+    # transformation it cannot: the data set that needs it reports
+    # precision_loss (an error with throw=True), and e_step="anchored" fits it.
     near = far_apart_clusters(1.0, seed=2).astype(np.float32)
     far = far_apart_clusters(1000.0, seed=3).astype(np.float32)
     xs = np.stack([near, far])
     keys = jax.random.split(jax.random.key(5), 2)
-    # A fixed number of steps: tol could stop the two runs one step apart.
     options = dict(covariance_type="diag", tol=0.0, max_iter=20)
-    batch = jax.vmap(lambda k, x: jaxgmm.fit(k, x, 2, **options))(keys, xs)
+    batch = jax.vmap(lambda k, x: jaxgmm.fit(k, x, 2, throw=False, **options))(keys, xs)
+    assert [int(s) for s in batch.status] == [0, int(jaxgmm.Status.precision_loss)]
+    with pytest.raises(Exception, match="anchored"):
+        jax.block_until_ready(
+            jax.jit(lambda x: jaxgmm.fit(keys[1], x, 2, **options))(far)
+        )
+    anchored = jax.vmap(lambda k, x: jaxgmm.fit(k, x, 2, e_step="anchored", **options))(
+        keys, xs
+    )
     for i, x in enumerate(xs):
-        alone = jaxgmm.fit(keys[i], x, 2, **options)
+        alone = jaxgmm.fit(keys[i], x, 2, **options)  # eager: refitted if needed
+        assert int(alone.status) == 0
         # Equal up to the anchored E-step's rounding (~2e-4 at 1e4 standard
         # deviations), which batched and single products round differently.
         np.testing.assert_allclose(
-            batch.gmm.covariances[i], alone.gmm.covariances, rtol=1e-3, atol=1e-7
+            anchored.gmm.covariances[i], alone.gmm.covariances, rtol=1e-3, atol=1e-7
         )
     restarts = jaxgmm.fit(jax.random.key(6), far, 2, covariance_type="diag", n_init=2)
     variances = np.asarray(restarts.gmm.covariances)
     # Both clusters' variances, ~0.01 each, not the 1e-6 of a lost variance.
     assert np.all((variances > 0.005) & (variances < 0.02))
+
+
+def test_e_step_must_be_auto_or_anchored():
+    with pytest.raises(ValueError, match="e_step"):
+        jaxgmm.fit(jax.random.key(0), far_apart_clusters(1.0), 2, e_step="exact")
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)

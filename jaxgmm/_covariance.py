@@ -540,9 +540,7 @@ class Full(CovarianceStructure):
         moments = weighted @ features.T
         return counts, moments[:, :d], _linalg.symmetric_from_upper(moments[:, d:], d)
 
-    @staticmethod
-    def cancellation(means, precisions_cholesky):
-        return _entrywise_quadratic(means, precisions_cholesky)
+    cancellation = staticmethod(_entrywise_quadratic)
 
     anchored_parts = staticmethod(_anchored_quadratic_parts)
 
@@ -643,9 +641,7 @@ class Tied(CovarianceStructure):
     def moments(features, resp, shift, row_scale=None):
         return Full.moments(features, resp, shift, row_scale)
 
-    @staticmethod
-    def cancellation(means, precisions_cholesky):
-        return _entrywise_quadratic(means, precisions_cholesky)
+    cancellation = staticmethod(_entrywise_quadratic)
 
     @staticmethod
     def anchored_parts(x, means, precisions_cholesky):
@@ -949,13 +945,11 @@ def squared_distances(
     x: Float[Array, "n d"],
     means: Float[Array, "k d"],
     precisions_cholesky: Array,
-    anchored=None,
 ) -> Float[Array, "k n"]:
     """Squared Mahalanobis distance of every row to every component: the
-    matrix-product forms, or where ``anchored`` (default: where
-    :func:`loses_precision`) the anchored ones (``anchored_parts``)."""
-    if anchored is None:
-        anchored = loses_precision(structure, means, precisions_cholesky)
+    matrix-product forms, or where they would lose precision
+    (:func:`loses_precision`) the anchored ones (``anchored_parts``)."""
+    anchored = loses_precision(structure, means, precisions_cholesky)
 
     def fast(x, means, precisions_cholesky):
         features = structure.row_features(x)

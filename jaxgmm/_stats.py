@@ -218,10 +218,7 @@ def m_step(
         stats.scatter, counts, offsets, reg_covar, max_condition
     )
     precisions_cholesky = structure.precisions_cholesky_from_covariances(covariances)
-    # counts / eps (a power of two: exact) rather than total * eps, which
-    # XLA would hoist out of the EM loop into a kernel of its own.
-    empty = stats.counts * (1 / eps) <= stats.total_weight
-    keep = empty | ~_linalg.all_finite(means)
+    keep = _empty(stats) | ~_linalg.all_finite(means)
     means = jnp.where(keep[:, None], previous.means, means)
     precisions_cholesky = structure.keep_previous(
         precisions_cholesky, previous.precisions_cholesky, keep
@@ -229,6 +226,16 @@ def m_step(
     weights = counts / jnp.sum(counts)
     return GMM.from_precisions_cholesky(
         weights, means, precisions_cholesky, previous.covariance_type
+    )
+
+
+def _empty(stats: Stats):
+    """``(K,)``: components whose weight is (almost) zero, at most ``eps`` of
+    the total. As ``counts / eps`` (a power of two: exact) rather than
+    ``total * eps``, which XLA would hoist out of the EM loop into a kernel of
+    its own."""
+    return stats.counts * (1 / jnp.finfo(stats.counts.dtype).eps) <= (
+        stats.total_weight
     )
 
 
@@ -261,11 +268,13 @@ def em_iteration(
     new = m_step(stats, gmm, reg_covar, max_condition)
     if used is True or not possible:
         return new, log_likelihood, False
-    nonempty = stats.counts * (1 / jnp.finfo(stats.counts.dtype).eps) > (
-        stats.total_weight
-    )
     lost = scatter_loses_precision(
-        gmm.structure, stats.counts, stats.sums, stats.scatter, reg_covar, nonempty
+        gmm.structure,
+        stats.counts,
+        stats.sums,
+        stats.scatter,
+        reg_covar,
+        ~_empty(stats),
     )
     if used is False:  # chosen statically: the distances were not checked
         distances = loses_precision(gmm.structure, gmm.means, gmm.precisions_cholesky)

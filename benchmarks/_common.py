@@ -422,11 +422,17 @@ def perturbed_start(rng, weights, means, covariances, scale: float = 0.5):
     return start_weights, start_means, 1.5 * covariances
 
 
-def sklearn_init(gmm, index=None) -> dict[str, Any]:
+def sklearn_init(gmm, index=None, dtype="float64") -> dict[str, Any]:
     """scikit-learn's ``weights_init``/``means_init``/``precisions_init`` for ``gmm``.
 
     ``index`` picks one mixture out of a batched GMM. Precisions are the
-    inverse covariances (computed in float64 from jaxgmm's parameters).
+    inverse covariances (computed in float64 from jaxgmm's parameters), then
+    cast to ``dtype``. scikit-learn keeps the dtype of the start for its
+    parameters, and numpy computes a product of float32 ``X`` with float64
+    parameters in float64: with the default float64 start most of its
+    arithmetic is float64 even on float32 data (its default on numpy's
+    float64 data too); with ``dtype="float32"`` and float32 data all of it is
+    float32.
     """
     import numpy as np
 
@@ -441,6 +447,10 @@ def sklearn_init(gmm, index=None) -> dict[str, Any]:
         precisions = 0.5 * (precisions + np.swapaxes(precisions, -1, -2))
     else:
         precisions = 1.0 / covariances
+    weights, means, precisions = (
+        np.asarray(a, dtype) for a in (weights, means, precisions)
+    )
+    weights = weights / weights.sum()  # sums to 1 within the dtype's rounding
     return {"weights_init": weights, "means_init": means, "precisions_init": precisions}
 
 

@@ -20,8 +20,11 @@ What it measures
       default BLAS threads (on at most 20 data sets); the faster counts (for
       200-row fits the thread hand-off dominates, so one thread is usually
       much faster).
-      scikit-learn receives the same float32 arrays and keeps float32 X (its
-      parameters come out in the dtype printed).
+      scikit-learn receives the same float32 arrays and keeps float32 X; its
+      parameters come out in the dtype of the start (printed): float64 for
+      the target's reference, as on numpy's default float64 data. The same
+      loop from a float32 start (all of scikit-learn's arithmetic float32,
+      like jaxgmm's) is timed too, one thread, and its ratio printed beside.
 
     Both start from a perturbation of the true parameters (uniform weights,
     jittered means, 1.5x covariances). For information it also times the
@@ -144,6 +147,8 @@ def main() -> None:
         for i in range(count):
             if variant == "given init":
                 kwargs = c.sklearn_init(init, i)
+            elif variant == "given float32 init":
+                kwargs = c.sklearn_init(init, i, dtype="float32")
             else:
                 kwargs = {"init_params": "k-means++", "random_state": i}
             gm = GaussianMixture(
@@ -179,6 +184,23 @@ def main() -> None:
             median=by_threads[best], threads=best, by_threads=by_threads
         )
         print(f"scikit-learn {name}: reference is {best}")
+
+    # The given init is float64, so scikit-learn's parameters and most of its
+    # arithmetic are float64; from a float32 start all of it is float32, like
+    # jaxgmm's. Reported beside the target (one thread, the faster above).
+    with threadpool_limits(1):
+        sklearn_loop("given float32 init", 2)  # warm-up
+        times32 = []
+        for _ in range(sk_repeats):
+            start = time.perf_counter()
+            models32 = sklearn_loop("given float32 init", subset)
+            times32.append(time.perf_counter() - start)
+    sk32_total = c.median(times32) * n_sets / subset
+    print(
+        f"scikit-learn given float32 init, 1 thread: {subset} fits in "
+        f"{c.median(times32):.2f} s, {1e3 * c.median(times32) / subset:.1f} ms "
+        f"per fit; parameters dtype {models32[0].means_.dtype}"
+    )
 
     # Same start, same data: the fits must agree (float32 vs sklearn's dtype).
     out = jax_runs["given init"]["out"]
@@ -256,6 +278,27 @@ def main() -> None:
         ]
     c.print_table(rows, headers)
     print(f"(FLOPs: {flops / 1e9:.1f} GFLOP = {max_iter} iterations x {n_sets} sets)")
+    ratio32 = sk32_total / jax_runs["given init"]["median"]
+    print(
+        f"given init, against scikit-learn computing in float32 (float32 start): "
+        f"{sk32_total:.1f} s extrapolated, ratio {ratio32:.1f} (reported, not the "
+        "target's reference)"
+    )
+    results["given float32 init"] = dict(
+        sklearn_subset=subset,
+        sklearn_subset_times_s=times32,
+        sklearn_threads="1 thread",
+        sklearn_extrapolated_s=sk32_total,
+        sklearn_param_dtype=str(models32[0].means_.dtype),
+        ratio=ratio32,
+    )
+    summary.append(
+        {
+            "metric": "given init: ratio vs float32 sklearn",
+            "value": ratio32,
+            "unit": "x",
+        }
+    )
     results.update(
         n_sets=n_sets,
         n=N,

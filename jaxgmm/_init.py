@@ -10,13 +10,14 @@ initialisation.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._covariance import structure_for
+from ._covariance import PRECISION_LIMIT, _squared_norms, structure_for
 from ._data import Data, chunk_rows, reduce_chunks, scan_chunks
 from ._gmm import GMM, isotropic_gmm
 from ._linalg import is_finite, vector_sum
@@ -62,12 +63,14 @@ def _potential(data: Data, closest, point, chunk_size: int) -> Array:
     :math:`\sum_n \min(\text{closest}_n, w_n |x_n - \text{point}|^2)`,
     one chunked pass (no N-sized temporary)."""
 
-    def partial(x_chunk, w_chunk, rows):
+    def chunk_potential(x_chunk, w_chunk, rows):
         part = lax.dynamic_slice_in_dim(closest, rows[0], rows.shape[0])
         distance = _weighted_distance(data, point, x_chunk, w_chunk)
         return vector_sum(_smaller(part, distance))
 
-    return reduce_chunks(data.x, data.sample_weight, chunk_size, partial, jnp.add)
+    return reduce_chunks(
+        data.x, data.sample_weight, chunk_size, chunk_potential, jnp.add
+    )
 
 
 # Elements of x per chunk in k-means++'s passes over the rows.
@@ -277,18 +280,20 @@ def lloyd(
 
     Stops when the total squared centre shift is at most ``tol`` times the
     mean per-feature variance (scikit-learn's rule) or after ``max_iter``.
-    An empty cluster keeps its centre.
+    An empty cluster keeps its centre. Rows are labelled by
+    :func:`nearest_centres`.
     """
     n_clusters = centres.shape[0]
     tolerance = tol * jnp.mean(data.variance)
 
     def update(centres):
-        def chunk(xc, w, _):
-            labels = _nearest(xc, centres)
+        def chunk(nearest, xc, w):
+            labels = nearest(xc)
             onehot = jax.nn.one_hot(labels, n_clusters, dtype=xc.dtype) * w[:, None]
             return jnp.sum(onehot, axis=0), onehot.T @ xc
 
-        counts, sums = data.sum(chunk)
+        nearest = nearest_centres(centres)
+        counts, sums = data.sum(lambda xc, w, _: chunk(nearest, xc, w))
         safe = jnp.maximum(counts, jnp.finfo(centres.dtype).tiny)[:, None]
         return jnp.where(counts[:, None] > 0, sums / safe, centres)
 
@@ -306,6 +311,46 @@ def lloyd(
     return centres, n_iter
 
 
+def nearest_centres(centres: Float[Array, "k d"]):
+    r"""``nearest(xc)``: the index (int32) of each row's nearest centre by
+    squared Euclidean distance, rows and centres in centred coordinates.
+
+    The distances are scikit-learn's matrix-product form
+    :math:`|c_k|^2 - 2 x \cdot c_k`, which in float32 loses about
+    :math:`\epsilon |c|^2`: with centres far from the data centre and close
+    to one another (two tight clusters 1 apart at 1e4) rows get the wrong
+    centre. Where that loss exceeds ``PRECISION_LIMIT`` of the smallest
+    squared distance between two distinct centres (checked here, once),
+    each row is compared again relative to the centre the product form
+    chose, its anchor :math:`a` (a ``lax.cond`` in ``nearest``): with
+    :math:`z = x - c_a`,
+    :math:`|x - c_k|^2 - |x - c_a|^2 = |c_a - c_k|^2 - 2 z \cdot (c_k - c_a)`,
+    whose rounding grows with :math:`|z| |c|` instead.
+    """
+    if jnp.dtype(centres.dtype).itemsize > 4:
+        return partial(_nearest, centres=centres)
+    gaps = _centre_gaps(centres)
+    distinct = jnp.where(gaps > 0, gaps, jnp.inf)
+    lost = jnp.finfo(centres.dtype).eps * jnp.max(_squared_norms(centres))
+    needed = lost > PRECISION_LIMIT * jnp.min(distinct)
+
+    def nearest(xc):
+        anchor = _nearest(xc, centres)
+        return lax.cond(
+            needed,
+            lambda: _nearest_anchored(xc, centres, gaps, anchor),
+            lambda: anchor,
+        )
+
+    return nearest
+
+
+def _centre_gaps(centres: Float[Array, "k d"]) -> Float[Array, "k k"]:
+    """Squared distances between centres, from their differences (one centre
+    at a time: no ``(K, K, D)`` temporary)."""
+    return lax.map(lambda c: jnp.sum((centres - c) ** 2, axis=-1), centres)
+
+
 def _nearest(xc: Float[Array, "n d"], centres: Float[Array, "k d"]) -> Array:
     squared = (
         jnp.sum(centres**2, axis=-1)[None, :] - 2.0 * xc @ centres.T
@@ -313,8 +358,16 @@ def _nearest(xc: Float[Array, "n d"], centres: Float[Array, "k d"]) -> Array:
     return jnp.argmin(squared, axis=-1).astype(jnp.int32)
 
 
+def _nearest_anchored(xc, centres, gaps, anchor) -> Array:
+    z = xc - centres[anchor]
+    # |c_a - c_k|^2 - 2 z.c_k; the row's own -2 z.c_a is common to every k.
+    squared = gaps[anchor] - 2.0 * z @ centres.T
+    return jnp.argmin(squared, axis=-1).astype(jnp.int32)
+
+
 def kmeans_labels(data: Data, centres: Float[Array, "k d"]) -> Int[Array, " n"]:
-    return data.map(lambda xc, w, _: _nearest(xc, centres))
+    nearest = nearest_centres(centres)
+    return data.map(lambda xc, w, _: nearest(xc))
 
 
 def _gumbel_top_k(key: PRNGKeyArray, data: Data, k: int) -> Int[Array, " k"]:
@@ -409,11 +462,12 @@ def initial_gmm(
         seeds, _ = kmeans_plusplus(key, data, k)
         centres, _ = lloyd(data, seeds, kmeans_max_iter)
         shift = structure.scatter_shift(centres)
+        nearest = nearest_centres(centres)
         stats = _responsibility_stats(
             structure,
             data,
             shift,
-            lambda xc, rows: jax.nn.one_hot(_nearest(xc, centres), k, dtype=dtype).T,
+            lambda xc, rows: jax.nn.one_hot(nearest(xc), k, dtype=dtype).T,
         )
     else:  # "random", validated by check_init
 

@@ -40,7 +40,13 @@ def kmeans(
     k-means++ (scikit-learn's), Lloyd's iterations run in a
     ``lax.while_loop`` until the total squared centre shift is at most
     ``1e-4`` times the mean feature variance, or ``max_iter``. An empty
-    cluster keeps its centre. jit- and vmap-able. Bad input (NaN or inf
+    cluster keeps its centre. Rows are labelled by the matrix-product
+    distances :math:`|c_k|^2 - 2 x \cdot c_k`, except in float32 where they
+    would lose more than ``1e-3`` of the smallest squared distance between
+    two centres (close centres far from the data centre): there each row is
+    compared again relative to the centre first chosen, so two tight
+    clusters 1 apart and 1e4 from the centre are still told apart.
+    jit- and vmap-able. Bad input (NaN or inf
     rows, negative weights, fewer usable rows than clusters) raises
     ``ValueError`` eagerly and an equinox runtime error under ``jit``.
 

@@ -346,3 +346,29 @@ def test_first_kmeans_plus_plus_centre_is_drawn_in_proportion_to_weight():
     positive = np.asarray(weight) > 0
     expected = 4000 * np.asarray(weight)[positive] / float(weight.sum())
     assert stats.chisquare(counts[positive], expected).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("d", [2, 6])
+def test_kmeans_in_float32_separates_close_clusters_far_from_the_data_centre(d):
+    # Two tight clusters 1 apart, 1e4 from the data centre (a third, heavier
+    # cluster sits on the other side). |c|^2 - 2 x.c loses ~eps * 1e8 ~ 12 in
+    # float32, more than the squared gap of 1 between the two: the product
+    # form labels most rows of one with the other's centre.
+    rng = np.random.default_rng(5)
+    offsets = np.zeros((3, d))
+    offsets[0, 0] = offsets[1, 0] = 1e4
+    offsets[1, 1] = 1.0
+    offsets[2, 0] = -1e4
+    sizes = (100, 100, 200)
+    x64 = np.concatenate(
+        [o + 0.02 * rng.standard_normal((m, d)) for o, m in zip(offsets, sizes)]
+    )
+    truth = np.repeat(np.arange(3), sizes)
+    centres, labels = jaxgmm.kmeans(jax.random.key(0), x64.astype(np.float32), 3)
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(truth, np.asarray(labels)) == 1.0
+    # Each centre is its cluster's mean (to float32 rounding of 1e4: ~1e-3).
+    expected = np.stack([x64[truth == j].mean(0) for j in range(3)])
+    order = [int(np.asarray(labels)[truth == j][0]) for j in range(3)]
+    np.testing.assert_allclose(np.asarray(centres)[order], expected, atol=4e-3)

@@ -157,14 +157,7 @@ def run_large(
                     f"{', '.join(f'{t:.2f}' for t in times)}); "
                     f"parameters dtype {gm.means_.dtype}"
                 )
-            # The loop body of GaussianMixture.fit, timed on its own.
-            model = sk_models[s1]
-            steps = []
-            for _ in range(sk_steps):
-                start = time.perf_counter()
-                _, log_resp = model._e_step(x_np)
-                model._m_step(x_np, log_resp)
-                steps.append(time.perf_counter() - start)
+            steps, _ = _loop_body_times(sk_models[s1], x_np, sk_steps)
         per_iter = c.median(steps)
         difference = (c.median(sk_times[s2]) - c.median(sk_times[s1])) / (s2 - s1)
         sk_by_threads[label] = dict(
@@ -198,12 +191,7 @@ def run_large(
                 k, covariance_type=covariance_type, max_iter=s1, tol=0.0, **sk32_kwargs
             )
             model32.fit(x_np)
-            steps = []
-            for _ in range(sk_steps):
-                start = time.perf_counter()
-                _, log_resp = model32._e_step(x_np)
-                model32._m_step(x_np, log_resp)
-                steps.append(time.perf_counter() - start)
+            steps, log_resp = _loop_body_times(model32, x_np, sk_steps)
         sk32_by_threads[label] = dict(step_times=steps, per_iteration=c.median(steps))
         print(
             f"scikit-learn float32 {label}: {c.median(steps):.3f} s per iteration "
@@ -315,6 +303,18 @@ def run_large(
         {"metric": "jaxgmm compile", "value": compile_s, "unit": "s"},
     ]
     c.finish(benchmark, args, env, results, targets, summary)
+
+
+def _loop_body_times(model, x, steps: int):
+    """``(times, last log_resp)``: the loop body of ``GaussianMixture.fit``
+    (``_e_step`` then ``_m_step``) timed ``steps`` times on ``model``."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _, log_resp = model._e_step(x)
+        model._m_step(x, log_resp)
+        times.append(time.perf_counter() - start)
+    return times, log_resp
 
 
 def _diag_matrix(variances):

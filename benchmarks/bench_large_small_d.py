@@ -6,8 +6,8 @@ What it measures
     the long, low-dimensional data sets of maps, sensor traces and 2-D
     embeddings. Same protocol as ``bench_large_full.py`` (see ``_large.py``):
     jaxgmm and scikit-learn start from the same perturbation of the true
-    parameters, per-iteration time = (T(max_iter=1+j) - T(max_iter=1)) / j,
-    compile time reported separately.
+    parameters, jaxgmm's per-iteration time a difference of fits, scikit-learn's
+    its EM loop body, compile time reported separately.
 
     For few features jaxgmm takes its elementwise path (per-component
     differences, unrolled 2x2 factorisations) rather than GEMMs, chunk by

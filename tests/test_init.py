@@ -348,12 +348,9 @@ def test_first_kmeans_plus_plus_centre_is_drawn_in_proportion_to_weight():
     assert stats.chisquare(counts[positive], expected).pvalue > 1e-4
 
 
-@pytest.mark.parametrize("d", [2, 6])
-def test_kmeans_in_float32_separates_close_clusters_far_from_the_data_centre(d):
-    # Two tight clusters 1 apart, 1e4 from the data centre (a third, heavier
-    # cluster sits on the other side). |c|^2 - 2 x.c loses ~eps * 1e8 ~ 12 in
-    # float32, more than the squared gap of 1 between the two: the product
-    # form labels most rows of one with the other's centre.
+def close_clusters_far_from_the_centre(d):
+    """Two tight clusters 1 apart, 1e4 from the data centre (a third, heavier
+    cluster sits on the other side): ``(x float64, true labels, means)``."""
     rng = np.random.default_rng(5)
     offsets = np.zeros((3, d))
     offsets[0, 0] = offsets[1, 0] = 1e4
@@ -364,11 +361,43 @@ def test_kmeans_in_float32_separates_close_clusters_far_from_the_data_centre(d):
         [o + 0.02 * rng.standard_normal((m, d)) for o, m in zip(offsets, sizes)]
     )
     truth = np.repeat(np.arange(3), sizes)
+    means = np.stack([x64[truth == j].mean(0) for j in range(3)])
+    return x64, truth, means
+
+
+@pytest.mark.parametrize("d", [2, 6])
+def test_kmeans_in_float32_separates_close_clusters_far_from_the_data_centre(d):
+    # |c|^2 - 2 x.c loses ~eps * 1e8 ~ 12 in float32, more than the squared
+    # gap of 1 between the two close clusters: the product form labels most
+    # rows of one with the other's centre.
+    x64, truth, expected = close_clusters_far_from_the_centre(d)
     centres, labels = jaxgmm.kmeans(jax.random.key(0), x64.astype(np.float32), 3)
     from sklearn.metrics import adjusted_rand_score
 
     assert adjusted_rand_score(truth, np.asarray(labels)) == 1.0
     # Each centre is its cluster's mean (to float32 rounding of 1e4: ~1e-3).
-    expected = np.stack([x64[truth == j].mean(0) for j in range(3)])
     order = [int(np.asarray(labels)[truth == j][0]) for j in range(3)]
     np.testing.assert_allclose(np.asarray(centres)[order], expected, atol=4e-3)
+
+
+def test_kmeans_init_in_float32_separates_close_clusters_far_from_the_data_centre():
+    # init="kmeans" labels the rows once more after Lloyd's iterations, with
+    # the same comparison. (Its first diag covariances, moments about the
+    # data centre, lose their precision here; the fit's precision check then
+    # makes the EM iterations anchored, which recover them.)
+    x64, _, expected = close_clusters_far_from_the_centre(6)
+    result = jaxgmm.fit(
+        jax.random.key(0),
+        x64.astype(np.float32),
+        3,
+        covariance_type="diag",
+        init="kmeans",
+        max_iter=10,
+    )
+    means = np.asarray(result.gmm.means, np.float64)
+    order = [int(np.argmin(((means - m) ** 2).sum(-1))) for m in expected]
+    assert sorted(order) == [0, 1, 2]
+    np.testing.assert_allclose(
+        np.asarray(result.gmm.weights)[order], [0.25, 0.25, 0.5], atol=1e-4
+    )
+    np.testing.assert_allclose(means[order], expected, atol=4e-3)

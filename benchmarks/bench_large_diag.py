@@ -9,12 +9,9 @@ What it measures
     start from the same perturbation of the true parameters (precisions =
     inverse variances).
 
-    Per-iteration time: jaxgmm's is (T(max_iter=6) - T(max_iter=1)) / 5, so
-    per-fit overheads cancel (median over 7 rounds, each running both fits);
-    scikit-learn's is its EM loop body timed directly, median of 5 (see
-    ``_large.py``), also from a float32 start (reported beside the target);
-    whole-fit / max_iter is printed as well. Compile time is reported
-    separately. GFLOP/s uses ``_common.em_iteration_flops``
+    Per-iteration times, compile time and the float32 reference are
+    measured as ``_large.py`` describes. GFLOP/s uses
+    ``_common.em_iteration_flops``
     (8 N K D + 2 N D + 9 N K per iteration, about 16.8 GFLOP here).
 
     Target: sklearn / jaxgmm per-iteration time >= 15.

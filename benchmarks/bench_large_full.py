@@ -8,12 +8,9 @@ What it measures
     precisions_init)`` on the same float32 array) start from the same
     perturbation of the true parameters (precisions = inverse covariances).
 
-    Per-iteration time: jaxgmm's is (T(max_iter=6) - T(max_iter=1)) / 5, so
-    per-fit overheads cancel (median over 7 rounds, each running both fits);
-    scikit-learn's is its EM loop body timed directly, median of 5 (see
-    ``_large.py``), also from a float32 start (reported beside the target);
-    whole-fit / max_iter is printed as well. Compile time is reported
-    separately. GFLOP/s uses ``_common.em_iteration_flops``
+    Per-iteration times, compile time and the float32 reference are
+    measured as ``_large.py`` describes. GFLOP/s uses
+    ``_common.em_iteration_flops``
     (N K (4 D^2 + 7 D + 7) per iteration, about 18.5 GFLOP here).
 
     Target: sklearn / jaxgmm per-iteration time >= 25 (scikit-learn is

@@ -236,6 +236,11 @@ class Data(eqx.Module):
         return self.x.shape[0]
 
     @property
+    def weight_unit(self) -> Array:
+        """Mean weight of a row that is there (see ``Stats.weight_unit``)."""
+        return self.total_weight / self.n_weighted
+
+    @property
     def origin(self) -> Array:
         """The data centre in the coordinates ``x`` is stored in."""
         return jnp.zeros_like(self.centre) if self.prepared else self.centre

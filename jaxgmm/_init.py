@@ -287,13 +287,14 @@ def lloyd(
     tolerance = tol * jnp.mean(data.variance)
 
     def update(centres):
-        def chunk(nearest, xc, w):
+        nearest = nearest_centres(centres)
+
+        def chunk(xc, w, _):
             labels = nearest(xc)
             onehot = jax.nn.one_hot(labels, n_clusters, dtype=xc.dtype) * w[:, None]
             return jnp.sum(onehot, axis=0), onehot.T @ xc
 
-        nearest = nearest_centres(centres)
-        counts, sums = data.sum(lambda xc, w, _: chunk(nearest, xc, w))
+        counts, sums = data.sum(chunk)
         safe = jnp.maximum(counts, jnp.finfo(centres.dtype).tiny)[:, None]
         return jnp.where(counts[:, None] > 0, sums / safe, centres)
 
@@ -397,8 +398,7 @@ def _point_gmm(structure, data: Data, indices: Int[Array, " k"], reg_covar, fall
     rows = data.x[indices]
     points = jnp.where(is_finite(rows), data.centred(rows), 0.0)
     weights = data.weights(rows, data.weight_rows(lambda w: w[indices]))
-    unit = data.total_weight / data.n_weighted
-    weights = weights + 10 * jnp.finfo(weights.dtype).eps * unit
+    weights = weights + 10 * jnp.finfo(weights.dtype).eps * data.weight_unit
     k, d = points.shape
     precisions_cholesky = jnp.where(
         reg_covar > 0,

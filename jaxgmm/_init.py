@@ -415,10 +415,16 @@ def _point_gmm(structure, data: Data, indices: Int[Array, " k"], reg_covar, fall
 
 
 def _responsibility_stats(structure, data: Data, shift, resp_fn) -> Stats:
+    """Stats of the responsibilities ``resp_fn(xc, rows) -> (resp, about)``
+    ``(K, n)``: each row enters the moments as ``xc - about``, the sums and
+    scatter are about ``shift``. ``about`` is 0, or where each row's
+    responsibility is one-hot, the ``shift`` of its component: the moments
+    then stay exact however far the components sit from the data centre."""
+
     def chunk(xc, w, rows):
-        weighted = resp_fn(xc, rows) * w[None, :]
-        features = structure.row_features(xc)
-        return structure.moments(features, weighted, shift)
+        resp, about = resp_fn(xc, rows)
+        features = structure.row_features(xc - about)
+        return structure.moments(features, resp * w[None, :], jnp.zeros_like(shift))
 
     counts, sums, scatter = data.sum(chunk)
     zero = jnp.zeros((), counts.dtype)
@@ -461,21 +467,23 @@ def initial_gmm(
     if init == "kmeans":
         seeds, _ = kmeans_plusplus(key, data, k)
         centres, _ = lloyd(data, seeds, kmeans_max_iter)
-        shift = structure.scatter_shift(centres)
         nearest = nearest_centres(centres)
-        stats = _responsibility_stats(
-            structure,
-            data,
-            shift,
-            lambda xc, rows: jax.nn.one_hot(nearest(xc), k, dtype=dtype).T,
-        )
+
+        def labelled(xc, rows):
+            labels = nearest(xc)
+            return jax.nn.one_hot(labels, k, dtype=dtype).T, centres[labels]
+
+        # Each row's moments about its own centre: exact in float32 for
+        # close clusters far from the data centre, where moments about the
+        # centre would cancel most of their variance.
+        stats = _responsibility_stats(structure, data, centres, labelled)
     else:  # "random", validated by check_init
 
         def random_resp(xc, rows):
             draw = jax.vmap(
                 lambda i: jax.random.uniform(jax.random.fold_in(key, i), (k,), dtype)
             )(rows)
-            return (draw / jnp.sum(draw, axis=-1, keepdims=True)).T
+            return (draw / jnp.sum(draw, axis=-1, keepdims=True)).T, 0.0
 
         stats = _responsibility_stats(
             structure, data, jnp.zeros((k, d), dtype), random_resp

@@ -382,9 +382,8 @@ def test_kmeans_in_float32_separates_close_clusters_far_from_the_data_centre(d):
 
 def test_kmeans_init_in_float32_separates_close_clusters_far_from_the_data_centre():
     # init="kmeans" labels the rows once more after Lloyd's iterations, with
-    # the same comparison. (Its first diag covariances, moments about the
-    # data centre, lose their precision here; the fit's precision check then
-    # makes the EM iterations anchored, which recover them.)
+    # the same comparison. (The matrix-product E-steps then lose precision
+    # here; fit, called eagerly, makes them again anchored.)
     x64, _, expected = close_clusters_far_from_the_centre(6)
     result = jaxgmm.fit(
         jax.random.key(0),
@@ -401,3 +400,41 @@ def test_kmeans_init_in_float32_separates_close_clusters_far_from_the_data_centr
         np.asarray(result.gmm.weights)[order], [0.25, 0.25, 0.5], atol=1e-4
     )
     np.testing.assert_allclose(means[order], expected, atol=4e-3)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_kmeans_init_moments_are_exact_for_close_clusters_far_from_the_centre(
+    covariance_type,
+):
+    # init="kmeans" takes each row's moments about its own k-means centre.
+    # About the data centre, 1e4 away, float32 cancels the clusters' variance
+    # of ~4e-4: the first full covariances were ~2e3 (diag 0.2-2% off).
+    from jaxgmm._data import make_data
+    from jaxgmm._init import initial_gmm
+
+    x64, truth, _ = close_clusters_far_from_the_centre(6)
+    x32 = x64.astype(np.float32)
+
+    @jax.jit
+    def start(x):
+        data, _ = make_data(x, None, 3)
+        gmm = initial_gmm(
+            jax.random.key(0), data, 3, covariance_type, "kmeans", 1e-6, None
+        )
+        return gmm.weights, gmm.means + data.centre, gmm.covariances
+
+    weights, means, covariances = (np.asarray(a, np.float64) for a in start(x32))
+    # The float32 data's own clusters (rounding at 1e4, ~1e-3, moves their
+    # variances by ~1%).
+    rows = x32.astype(np.float64)
+    clusters = [rows[truth == j] for j in range(3)]
+    expected = np.stack([c.mean(0) for c in clusters])
+    order = [int(np.argmin(((means - m) ** 2).sum(-1))) for m in expected]
+    assert sorted(order) == [0, 1, 2]
+    np.testing.assert_allclose(weights[order], [0.25, 0.25, 0.5], atol=1e-6)
+    np.testing.assert_allclose(means[order], expected, atol=2e-3)
+    covariances = covariances[order]
+    if covariance_type == "full":
+        covariances = np.diagonal(covariances, axis1=-2, axis2=-1)
+    variances = np.stack([c.var(0) for c in clusters]) + 1e-6
+    np.testing.assert_allclose(covariances, variances, rtol=1e-4)

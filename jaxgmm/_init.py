@@ -10,14 +10,13 @@ initialisation.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._covariance import PRECISION_LIMIT, _squared_norms, structure_for
+from ._covariance import nearest_centres, structure_for
 from ._data import Data, chunk_rows, reduce_chunks, scan_chunks
 from ._gmm import GMM, isotropic_gmm
 from ._linalg import is_finite, vector_sum
@@ -310,60 +309,6 @@ def lloyd(
     inf = jnp.array(jnp.inf, centres.dtype)
     centres, _, n_iter = lax.while_loop(cond, body, (centres, inf, 0))
     return centres, n_iter
-
-
-def nearest_centres(centres: Float[Array, "k d"]):
-    r"""``nearest(xc)``: the index (int32) of each row's nearest centre by
-    squared Euclidean distance, rows and centres in centred coordinates.
-
-    The distances are scikit-learn's matrix-product form
-    :math:`|c_k|^2 - 2 x \cdot c_k`, which in float32 loses about
-    :math:`\epsilon |c|^2`: with centres far from the data centre and close
-    to one another (two tight clusters 1 apart at 1e4) rows get the wrong
-    centre. Where that loss exceeds ``PRECISION_LIMIT`` of the smallest
-    squared distance between two distinct centres (checked here, once),
-    each row is compared again relative to the centre the product form
-    chose, its anchor :math:`a` (a ``lax.cond`` in ``nearest``): with
-    :math:`z = x - c_a`,
-    :math:`|x - c_k|^2 - |x - c_a|^2 = |c_a - c_k|^2 - 2 z \cdot (c_k - c_a)`,
-    whose rounding grows with :math:`|z| |c|` instead.
-    """
-    if jnp.dtype(centres.dtype).itemsize > 4:
-        return partial(_nearest, centres=centres)
-    gaps = _centre_gaps(centres)
-    distinct = jnp.where(gaps > 0, gaps, jnp.inf)
-    lost = jnp.finfo(centres.dtype).eps * jnp.max(_squared_norms(centres))
-    needed = lost > PRECISION_LIMIT * jnp.min(distinct)
-
-    def nearest(xc):
-        anchor = _nearest(xc, centres)
-        return lax.cond(
-            needed,
-            lambda: _nearest_anchored(xc, centres, gaps, anchor),
-            lambda: anchor,
-        )
-
-    return nearest
-
-
-def _centre_gaps(centres: Float[Array, "k d"]) -> Float[Array, "k k"]:
-    """Squared distances between centres, from their differences (one centre
-    at a time: no ``(K, K, D)`` temporary)."""
-    return lax.map(lambda c: jnp.sum((centres - c) ** 2, axis=-1), centres)
-
-
-def _nearest(xc: Float[Array, "n d"], centres: Float[Array, "k d"]) -> Array:
-    squared = (
-        jnp.sum(centres**2, axis=-1)[None, :] - 2.0 * xc @ centres.T
-    )  # |x|^2 is common to every centre
-    return jnp.argmin(squared, axis=-1).astype(jnp.int32)
-
-
-def _nearest_anchored(xc, centres, gaps, anchor) -> Array:
-    z = xc - centres[anchor]
-    # |c_a - c_k|^2 - 2 z.c_k; the row's own -2 z.c_a is common to every k.
-    squared = gaps[anchor] - 2.0 * z @ centres.T
-    return jnp.argmin(squared, axis=-1).astype(jnp.int32)
 
 
 def kmeans_labels(data: Data, centres: Float[Array, "k d"]) -> Int[Array, " n"]:

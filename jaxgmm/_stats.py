@@ -18,7 +18,12 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from . import _linalg
-from ._covariance import loses_precision, may_lose_precision, scatter_loses_precision
+from ._covariance import (
+    loses_precision,
+    may_lose_precision,
+    nearest_centres,
+    scatter_loses_precision,
+)
 from ._data import Data
 from ._gmm import GMM
 
@@ -139,10 +144,12 @@ def _e_step_stats(gmm: GMM, data: Data, anchored: bool) -> Stats:
     structure = gmm.structure
     means, factors = gmm.means, gmm.precisions_cholesky
     shift = means if anchored else structure.scatter_shift(means)
+    # Made once for the pass: the check it makes on the means.
+    nearest = nearest_centres(means) if anchored else None
 
     def distances_and_moments(xc):
         if anchored:
-            return structure.anchored_parts(xc, means, factors)
+            return structure.anchored_parts(xc, means, factors, nearest)
         # Computed once: the distances and the moments read the same features.
         features = structure.row_features(xc)
         squared = structure.squared_mahalanobis(features, means, factors)

@@ -19,6 +19,23 @@ def make_blobs(seed=0, n=200, d=2, k=3, spread=0.5, separation=4.0, dtype=np.flo
     return x.astype(dtype), labels
 
 
+def close_clusters_far_from_the_centre(d):
+    """Two tight clusters 1 apart, 1e4 from the data centre (a third, heavier
+    cluster sits on the other side): ``(x float64, true labels, means)``."""
+    rng = np.random.default_rng(5)
+    offsets = np.zeros((3, d))
+    offsets[0, 0] = offsets[1, 0] = 1e4
+    offsets[1, 1] = 1.0
+    offsets[2, 0] = -1e4
+    sizes = (100, 100, 200)
+    x64 = np.concatenate(
+        [o + 0.02 * rng.standard_normal((m, d)) for o, m in zip(offsets, sizes)]
+    )
+    truth = np.repeat(np.arange(3), sizes)
+    means = np.stack([x64[truth == j].mean(0) for j in range(3)])
+    return x64, truth, means
+
+
 @pytest.fixture(scope="session")
 def blobs():
     return make_blobs()

@@ -4,7 +4,11 @@ import jax
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import COVARIANCE_TYPES, make_blobs
+from conftest import (
+    COVARIANCE_TYPES,
+    close_clusters_far_from_the_centre,
+    make_blobs,
+)
 
 import jaxgmm
 
@@ -194,18 +198,28 @@ def test_far_apart_float32_clusters_keep_their_covariances(
 def test_far_apart_clusters_from_a_start_with_the_whole_datas_covariance(
     covariance_type, far_apart_float64_fits
 ):
-    # init="kmeans" starts from the whole data's covariance where its first
-    # moments lose their precision: the current covariances then call for the
-    # matrix-product E-step, whose moments cancel all of the new ones. That
-    # iteration is made again anchored (before, every M-step kept the start).
+    # Means at the clusters, each covariance isotropic at the whole data's
+    # scale: the current covariances then call for the matrix-product E-step,
+    # whose moments cancel all of the new, tight ones. That iteration is made
+    # again anchored (before, every M-step kept the start). (init="kmeans"
+    # started like this until its first moments were taken about each row's
+    # own centre.)
     x, references = far_apart_float64_fits
-    covariances, _, log_likelihood = references[covariance_type]
+    covariances, means, log_likelihood = references[covariance_type]
+    scale = np.full(FAR_D, np.mean(np.var(x, axis=0)))
+    start = np.diag(scale) if covariance_type == "full" else scale
+    init_gmm = jaxgmm.GMM(
+        np.full(2, 0.5, np.float32),
+        means.astype(np.float32),
+        np.stack([start, start]).astype(np.float32),
+        covariance_type,
+    )
     result = jaxgmm.fit(
         jax.random.key(0),
         x.astype(np.float32),
         2,
         covariance_type=covariance_type,
-        init="kmeans",
+        init_gmm=init_gmm,
     )
     np.testing.assert_allclose(float(result.log_likelihood), log_likelihood, atol=1e-3)
     fitted = np.sort(np.asarray(result.gmm.covariances, np.float64).ravel())
@@ -244,6 +258,38 @@ def test_far_apart_clusters_under_vmap_jit_and_restarts():
     variances = np.asarray(restarts.gmm.covariances)
     # Both clusters' variances, ~0.01 each, not the 1e-6 of a lost variance.
     assert np.all((variances > 0.005) & (variances < 0.02))
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_anchored_e_step_anchors_rows_at_their_nearest_mean(covariance_type):
+    # Two clusters of spread 0.02, 1 apart and 1e4 from the data centre. The
+    # anchored E-step loses about eps |z| |mu| / variance, z a row's offset from
+    # its anchor: 0.02 from its own mean (~6% for one row, ~0.6-2% for the
+    # cluster). The product form |mu|^2 - 2 x.mu (loss ~eps |mu|^2 = 12 > 1)
+    # anchored many rows at the other cluster's mean, 1 away: variances
+    # 0.9% (diag) and 5% (full) off.
+    x64, truth, _ = close_clusters_far_from_the_centre(6)
+    x32 = x64.astype(np.float32)
+    result = jaxgmm.fit(
+        jax.random.key(0),
+        x32,
+        3,
+        covariance_type=covariance_type,
+        init="kmeans",
+        max_iter=5,
+        e_step="anchored",
+    )
+    rows = x32.astype(np.float64)
+    clusters = [rows[truth == j] for j in range(3)]
+    means = np.asarray(result.gmm.means, np.float64)
+    order = [int(np.argmin(((means - c.mean(0)) ** 2).sum(-1))) for c in clusters]
+    assert sorted(order) == [0, 1, 2]
+    covariances = np.asarray(result.gmm.covariances, np.float64)[order]
+    if covariance_type == "full":
+        covariances = np.diagonal(covariances, axis1=-2, axis2=-1)
+    variances = np.stack([c.var(0) for c in clusters]) + 1e-6
+    rtol = 3e-2 if covariance_type == "full" else 5e-3
+    np.testing.assert_allclose(covariances, variances, rtol=rtol)
 
 
 def test_e_step_must_be_auto_or_anchored():

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_blobs
+from conftest import close_clusters_far_from_the_centre, make_blobs
 from sklearn.cluster import KMeans
 
 import jaxgmm
@@ -346,23 +346,6 @@ def test_first_kmeans_plus_plus_centre_is_drawn_in_proportion_to_weight():
     positive = np.asarray(weight) > 0
     expected = 4000 * np.asarray(weight)[positive] / float(weight.sum())
     assert stats.chisquare(counts[positive], expected).pvalue > 1e-4
-
-
-def close_clusters_far_from_the_centre(d):
-    """Two tight clusters 1 apart, 1e4 from the data centre (a third, heavier
-    cluster sits on the other side): ``(x float64, true labels, means)``."""
-    rng = np.random.default_rng(5)
-    offsets = np.zeros((3, d))
-    offsets[0, 0] = offsets[1, 0] = 1e4
-    offsets[1, 1] = 1.0
-    offsets[2, 0] = -1e4
-    sizes = (100, 100, 200)
-    x64 = np.concatenate(
-        [o + 0.02 * rng.standard_normal((m, d)) for o, m in zip(offsets, sizes)]
-    )
-    truth = np.repeat(np.arange(3), sizes)
-    means = np.stack([x64[truth == j].mean(0) for j in range(3)])
-    return x64, truth, means
 
 
 @pytest.mark.parametrize("d", [2, 6])

@@ -330,17 +330,36 @@ class GMM(eqx.Module):
         x = self.means[labels] + self.structure.scale_noise(factor, noise, labels)
         return x, labels
 
-    def _check_x(self, x) -> Array:
+    def _check_x(self, x, finite: bool = True) -> Array:
+        """``x`` for the density methods: 2-D, ``n_features`` columns, and
+        (when concrete: called eagerly, or a constant inside a ``jit``)
+        finite, as scikit-learn requires. Under a trace the values are not
+        checked: a row with NaN or inf gets NaN densities, responsibilities
+        and score, and an arbitrary label from ``predict``. ``finite=False``
+        skips the values (for callers that mask rows by weight)."""
         x = prepare_x(x)
         if x.shape[1] != self.n_features:
             raise ValueError(
                 f"`x` has {x.shape[1]} features but the mixture has {self.n_features}"
             )
+        if finite and is_concrete(x):
+            with jax.ensure_compile_time_eval():
+                finite = bool(_all_finite(x))
+            if not finite:
+                raise ValueError(
+                    "`x` contains NaN or infinite values; the density methods need "
+                    "finite rows"
+                )
         return x
 
 
 # The public density methods run as one compiled function each (cached per
 # shape): op by op, their first call on a new shape took about a second.
+
+
+@jax.jit
+def _all_finite(x: Array) -> Array:
+    return jnp.all(jnp.isfinite(x))
 
 
 @jax.jit

@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._data import data_status
 from ._fit import FitResult, check_status, fit, prepare_weight, status_jit
-from ._gmm import GMM, is_concrete, prepare_x
+from ._gmm import GMM, _log_prob, is_concrete, prepare_x
 from ._status import Status
 
 _NO_POSITIVE_WEIGHT = "`sample_weight` must have at least one positive weight"
@@ -41,7 +41,9 @@ def _checked(value, x, sample_weight):
 
 def _total_log_likelihood(gmm: GMM, x, sample_weight):
     x, sample_weight = _checked_input(x, sample_weight)
-    log_prob = gmm.log_prob(x)
+    # Not gmm.log_prob, which rejects any non-finite row: a row of weight 0
+    # may hold NaN here (it is absent, as in a fit).
+    log_prob = _log_prob(gmm, gmm._check_x(x, finite=False))
     if sample_weight is None:
         total, count = jnp.sum(log_prob), jnp.asarray(x.shape[0], log_prob.dtype)
     else:
@@ -153,5 +155,8 @@ def anomaly_threshold(
     if not (isinstance(contamination, float | int) and 0 <= contamination <= 1):
         raise ValueError(f"`contamination` must be in [0, 1], got {contamination!r}")
     x, _ = _checked_input(x)
-    threshold = jnp.quantile(gmm.log_prob(x), contamination)
+    # Checked above (eagerly): the values need no second pass.
+    threshold = jnp.quantile(
+        _log_prob(gmm, gmm._check_x(x, finite=False)), contamination
+    )
     return _checked(threshold, x, None)

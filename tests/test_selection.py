@@ -103,3 +103,13 @@ def test_scores_under_jit_raise_at_run_time_on_bad_weights():
     assert np.isfinite(bic(x, np.ones(len(x), np.float32)))
     with pytest.raises(Exception, match="sample_weight"):
         jax.block_until_ready(bic(x, -np.ones(len(x), np.float32)))
+
+
+def test_bic_skips_a_non_finite_row_of_weight_zero():
+    # A row of weight 0 is absent, as in a fit: it may hold NaN.
+    result = jaxgmm.fit(jax.random.key(0), X, 3)
+    padded = np.vstack([X, [[np.nan, 0.0]]]).astype(np.float32)
+    weight = np.r_[np.ones(len(X)), 0.0].astype(np.float32)
+    np.testing.assert_allclose(
+        jaxgmm.bic(result.gmm, padded, weight), jaxgmm.bic(result.gmm, X), rtol=1e-6
+    )

@@ -232,3 +232,22 @@ def test_scaling_every_weight_by_one_number_changes_no_fit(scale):
     np.testing.assert_allclose(scaled.gmm.means, unit.gmm.means, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(scaled.gmm.weights, unit.gmm.weights, rtol=1e-5)
     np.testing.assert_allclose(scaled.log_likelihood, unit.log_likelihood, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["log_prob", "component_log_prob", "responsibilities", "predict", "score"],
+)
+def test_density_methods_reject_non_finite_rows_when_called_eagerly(start, method):
+    # As scikit-learn's score_samples / predict_proba / predict do. Under jit
+    # the values are not checked: the bad rows' results are NaN (predict's
+    # label arbitrary) and the other rows are unaffected.
+    for bad in (with_nan(X), with_inf(X)):
+        with pytest.raises(ValueError, match="`x` contains NaN or infinite"):
+            getattr(start, method)(bad)
+    traced = jax.jit(lambda x: getattr(start, method)(x))(with_nan(X))
+    expected = getattr(start, method)(X)
+    rows = np.arange(len(X)) != 7
+    np.testing.assert_allclose(traced[rows], expected[rows], rtol=1e-5, atol=1e-6)
+    if method != "predict":
+        assert np.all(np.isnan(traced[7]))

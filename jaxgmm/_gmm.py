@@ -16,7 +16,7 @@ from ._covariance import (
     squared_distances,
     structure_for,
 )
-from ._linalg import UNROLL_MAX_DIM
+from ._linalg import UNROLL_MAX_DIM, all_finite
 
 
 def is_concrete(*arrays) -> bool:
@@ -359,7 +359,7 @@ class GMM(eqx.Module):
 
 @jax.jit
 def _all_finite(x: Array) -> Array:
-    return jnp.all(jnp.isfinite(x))
+    return all_finite(x, axis=None)
 
 
 @jax.jit

@@ -398,9 +398,10 @@ def _nearest(xc: Float[Array, "n d"], centres: Float[Array, "k d"]) -> Array:
 
 def _nearest_anchored(xc, centres, gaps, anchor) -> Array:
     z = xc - centres[anchor]
-    # |c_a - c_k|^2 - 2 z.c_k; the row's own -2 z.c_a is common to every k.
-    squared = gaps[anchor] - 2.0 * z @ centres.T
-    return jnp.argmin(squared, axis=-1).astype(jnp.int32)
+    # |c_a - c_k|^2 - 2 z.c_k (the row's own -2 z.c_a is common to every k),
+    # (K, n) as in _nearest; gaps is symmetric.
+    squared = gaps[:, anchor] - 2.0 * (centres @ z.T)
+    return jnp.argmin(squared, axis=0).astype(jnp.int32)
 
 
 def _anchored_quadratic_parts(

@@ -344,8 +344,8 @@ class GMM(eqx.Module):
             )
         if finite and is_concrete(x):
             with jax.ensure_compile_time_eval():
-                finite = bool(_all_finite(x))
-            if not finite:
+                values_finite = bool(_all_finite(x))
+            if not values_finite:
                 raise ValueError(
                     "`x` contains NaN or infinite values; the density methods need "
                     "finite rows"

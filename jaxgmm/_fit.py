@@ -19,7 +19,7 @@ from ._data import Data, data_status, make_data
 from ._gmm import GMM, as_array, is_concrete, isotropic_gmm, prepare_x
 from ._init import check_init, initial_gmm
 from ._linalg import is_finite, vector_finite
-from ._stats import em_iteration, em_iteration_redone
+from ._stats import e_step_row_width, em_iteration, em_iteration_redone
 from ._status import MESSAGES, Status
 
 
@@ -238,7 +238,8 @@ def _fit(
 ):
     # Bad data are masked inside make_data; the status reports them (fit turns
     # it into an error with throw=True).
-    data, status = make_data(x, sample_weight, n_components)
+    row_width = e_step_row_width(covariance_type, x)
+    data, status = make_data(x, sample_weight, n_components, row_width)
 
     def run(key):
         if init_gmm is None:
@@ -476,7 +477,8 @@ def fit(
 
 @partial(jax.jit, static_argnames=("n_steps",))
 def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
-    data, status = make_data(x, sample_weight, gmm.n_components)
+    row_width = e_step_row_width(gmm.covariance_type, x)
+    data, status = make_data(x, sample_weight, gmm.n_components, row_width)
 
     def step(gmm, _):
         return em_iteration_redone(gmm, data, reg_covar, max_condition)

@@ -214,6 +214,7 @@ def row_sums(
 PRODUCT_GROUPS = 8
 MIN_GROUP_ROWS = 2
 GROUPED_MIN_OUTPUT = 1024
+GROUPED_MIN_ROWS = 2048
 
 
 def grouped_matmul(
@@ -233,11 +234,16 @@ def grouped_matmul(
     ``fit``): D=64, K=32 diag 0.17 s per EM iteration instead of 0.21 s;
     K=16 or 64 with D=64 ~10-20% faster; D=32, K=32 ~5%; but outputs of
     fewer than ``GROUPED_MIN_OUTPUT`` entries (D=32 with K=16, D=16 with
-    K=16) got 10-70% slower, so those stay one product each.
+    K=16) got 10-70% slower, so those stay one product each. Products over
+    fewer than ``GROUPED_MIN_ROWS`` rows stay whole too: they are those of a
+    chunk's row blocks, which run concurrently already (see
+    ``_data.BLOCKS_PER_CHUNK``; grouped there, D=64, K=32 diag took 0.139-0.147 s
+    per iteration instead of 0.129-0.135 s).
     """
-    k = weights.shape[0]
+    k, n = weights.shape
     p = max(b.shape[-1] for b in operands)
-    if k < PRODUCT_GROUPS * MIN_GROUP_ROWS or k * p < GROUPED_MIN_OUTPUT:
+    few = k < PRODUCT_GROUPS * MIN_GROUP_ROWS or k * p < GROUPED_MIN_OUTPUT
+    if few or n < GROUPED_MIN_ROWS:
         return tuple(weights @ b for b in operands)
     bounds = [(i * k) // PRODUCT_GROUPS for i in range(PRODUCT_GROUPS + 1)]
     blocks = [weights[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -8,7 +8,13 @@ import pytest
 
 import jaxgmm
 from jaxgmm import _covariance, _init, _linalg
-from jaxgmm._data import chunk_rows, make_data, reduce_rows, reduce_update_chunks
+from jaxgmm._data import (
+    blocked_chunking,
+    chunk_rows,
+    make_data,
+    reduce_rows,
+    reduce_update_chunks,
+)
 
 N = 10_001  # 73 * 137: no chunk size in (budget / 2, budget] divides it
 
@@ -18,6 +24,55 @@ def test_chunk_rows_prefers_a_divisor_of_the_row_count():
     assert chunk_rows(N, 4096) == 4096  # no divisor in range: a remainder
     assert chunk_rows(300, 4096) == 300  # small data: one chunk
     assert chunk_rows(0, 4096) == 1
+
+
+def test_blocked_chunking_takes_ten_blocks_of_at_most_800_rows():
+    # D=64 diag (128 features a row): 800-row blocks, 125 chunks of 8,000.
+    assert blocked_chunking(1_000_000, 128) == (8000, 10)
+    # D=32 full (560 features): at most 2**18 / 560 rows, a multiple of 16
+    # (464), preferring a size whose chunks divide N (400).
+    assert blocked_chunking(1_000_000, 560) == (4000, 10)
+    # No block size in (400, 800] divides an odd N: 800 with a remainder.
+    assert blocked_chunking(270_007, 12) == (8000, 10)
+    # Fewer rows than MIN_BLOCKED_ROWS, or rows too wide for 16-row blocks:
+    # no blocks.
+    assert blocked_chunking(2**18 - 1, 12) is None
+    assert blocked_chunking(10**7, 2**15) is None
+
+
+def test_blocked_e_step_equals_the_unblocked_one():
+    # Weighted rows, a non-finite row in a block of each full chunk and in the
+    # remainder: the blocks' sums equal one pass per chunk.
+    from jaxgmm._stats import e_step_row_width, e_step_stats
+
+    rng = np.random.default_rng(8)
+    n, d, k = 270_007, 6, 3
+    x = rng.normal(size=(n, d)).astype(np.float32) + 100.0
+    x[[5, 9_613, 266_000]] = np.nan
+    w = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
+    gmm = jaxgmm.GMM(
+        np.full(k, 1 / k, np.float32),
+        (100.0 + rng.normal(size=(k, d))).astype(np.float32),
+        rng.uniform(0.5, 2.0, size=(k, d)).astype(np.float32),
+        "diag",
+    )
+
+    @jax.jit
+    def stats(x, w, gmm):
+        width = e_step_row_width("diag", x)
+        blocked, _ = make_data(x, w, k, width)
+        plain, _ = make_data(x, w, k)
+        assert (blocked.chunk_size, blocked.blocks) == (8000, 10)
+        assert plain.blocks == 1
+        centred = jaxgmm.GMM(
+            gmm.weights, gmm.means - blocked.centre, gmm.covariances, "diag"
+        )
+        return e_step_stats(centred, blocked), e_step_stats(centred, plain)
+
+    blocked, plain = stats(x, w, gmm)
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(plain)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-3)
 
 
 def test_reduce_rows_adds_and_minimises_each_operand_in_one_reduction():
@@ -72,13 +127,17 @@ def test_sums_over_rows_matches_float64_sums(n):
         )
 
 
-@pytest.mark.parametrize("k, products", [(3, 2), (15, 2), (17, 16), (32, 16)])
-def test_grouped_matmul_matches_float64_products(k, products):
+@pytest.mark.parametrize(
+    "k, n, products",
+    [(3, 2048, 2), (15, 2048, 2), (17, 2048, 16), (32, 2048, 16), (32, 800, 2)],
+)
+def test_grouped_matmul_matches_float64_products(k, n, products):
     # 3 and 15 components: one product per operand (fewer than 8 groups of
-    # 2); 17: eight uneven groups; 32: eight groups of 4.
+    # 2); 17: eight uneven groups; 32: eight groups of 4; over 800 rows (a
+    # row block, fewer than GROUPED_MIN_ROWS): one product per operand.
     rng = np.random.default_rng(k)
-    weights = rng.uniform(size=(k, 500)).astype(np.float32)
-    a, b = (rng.normal(size=(500, d)).astype(np.float32) for d in (64, 1))
+    weights = rng.uniform(size=(k, n)).astype(np.float32)
+    a, b = (rng.normal(size=(n, d)).astype(np.float32) for d in (64, 1))
     jaxpr = jax.make_jaxpr(_linalg.grouped_matmul)(weights, (a, b))
     dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) == products

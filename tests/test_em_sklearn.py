@@ -229,3 +229,21 @@ def test_fit_with_grouped_products_matches_sklearn(wide_rows, covariance_type):
     assert k >= _linalg.PRODUCT_GROUPS * _linalg.MIN_GROUP_ROWS
     assert k * d >= _linalg.GROUPED_MIN_OUTPUT
     assert_fit_matches_sklearn(wide_rows, k, covariance_type, jax.random.key(2), 5)
+
+
+@pytest.fixture(scope="module")
+def blocked_rows(x64_module):
+    # 270,007 rows of 6 features: 33 chunks of 8,000 rows, each summed as ten
+    # 800-row blocks in the diagonal E-step, and an unsplit 6,007-row remainder.
+    return clustered_rows(13, 3, 6, 270_007, spread=3.0)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_fit_over_row_blocks_matches_sklearn(blocked_rows, covariance_type):
+    from jaxgmm._data import blocked_chunking
+    from jaxgmm._stats import e_step_row_width
+
+    width = e_step_row_width(covariance_type, blocked_rows)
+    assert width == 12
+    assert blocked_chunking(len(blocked_rows), width) == (8000, 10)
+    assert_fit_matches_sklearn(blocked_rows, 3, covariance_type, jax.random.key(3), 6)

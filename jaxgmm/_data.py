@@ -34,9 +34,9 @@ MAX_CHUNK_ROWS = 4096
 # chunk's feature kernels, log-sum-exp kernels and small products each wait
 # for the one before, so on two cores one thread ran them while the other
 # waited. The kernels of ten blocks are ready ten at a time, and both threads
-# take them (N=1e6, 2 cores: D=64, K=32 diag 0.129-0.131 s per EM iteration
-# instead of 0.142-0.144 s; D=16, K=16 full 0.099-0.105 s instead of 0.124 s;
-# D=16, K=16 diag 0.038 s instead of 0.061 s).
+# take them (N=1e6, 2 cores: D=64, K=32 diag 0.129-0.133 s per EM iteration
+# instead of 0.142-0.155 s; D=16, K=16 diag 0.038 s instead of 0.058-0.061 s).
+# Which covariance types take blocks: CovarianceStructure.e_step_in_blocks.
 BLOCKS_PER_CHUNK = 10
 # Rows per block: at most this many, and at most BLOCK_ELEMENTS row features
 # per block. Measured optima: 800 rows for D=64 diag (128 features a row)

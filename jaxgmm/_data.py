@@ -499,17 +499,15 @@ def make_data(
 
     def moments(xc, w, _):
         w = w[:, None]
+        # `tie`: an operand with a zero derivative of its own beside operands
+        # with derivatives trips the variadic reduction's JVP (jax 0.10).
+        # Without sample weights the weights have none, and `jax.grad` with
+        # respect to x failed. Rows and weights here are finite, so adding
+        # 0 leaves every sum unchanged.
+        tie = 0 * w + 0 * xc
         # One reduction for the four sums: w is repeated along the features.
         count, total, first, second = reduce_rows(
-            (
-                # `+ 0 * w`: an operand with a zero derivative of its own
-                # trips the variadic reduction's JVP (jax 0.10); the weights
-                # here are finite, so the count is unchanged.
-                jnp.broadcast_to((w > 0).astype(xc.dtype) + 0 * w, xc.shape),
-                jnp.broadcast_to(w, xc.shape),
-                w * xc,
-                w * xc**2,
-            ),
+            ((w > 0).astype(xc.dtype) + tie, w + tie, w * xc, w * xc**2),
             (jnp.add,) * 4,
         )
         return count[0], total[0], first, second

@@ -170,6 +170,22 @@ def test_em_steps_is_differentiable_and_matches_finite_differences(x64, eager):
         )
 
 
+def test_em_steps_gradient_with_respect_to_unweighted_rows(x64, eager):
+    # Without sample weights (their derivative is then a symbolic zero).
+    x = jnp.asarray(X[:60], jnp.float64)
+    start = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), eager.gmm)
+
+    def loss(x):
+        fitted = jaxgmm.em_steps(start, x, 3)
+        return jnp.sum(fitted.means**2) + jnp.sum(fitted.covariances)
+
+    grad = jax.jit(jax.grad(loss))(x)
+    direction = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
+    h = 1e-6
+    central = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+    np.testing.assert_allclose(jnp.sum(grad * direction), central, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n_features", [2, 6])
 def test_jitted_log_prob_on_many_rows_matches_a_numpy_reference(n_features):
     # Guards against CPU miscompiles of broadcast-multiply-reduce (jaxlib

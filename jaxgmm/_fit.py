@@ -139,6 +139,13 @@ def check_status(out, status: Array):
 # -- EM ------------------------------------------------------------------------
 
 
+def _em_data(x, sample_weight, n_components: int, covariance_type: str):
+    """``make_data`` for EM: chunked (in row blocks where the E-step of this
+    covariance type takes them, see ``e_step_row_width``)."""
+    row_width = e_step_row_width(covariance_type, x)
+    return make_data(x, sample_weight, n_components, row_width)
+
+
 def _em_loop(
     gmm: GMM,
     data: Data,
@@ -238,8 +245,7 @@ def _fit(
 ):
     # Bad data are masked inside make_data; the status reports them (fit turns
     # it into an error with throw=True).
-    row_width = e_step_row_width(covariance_type, x)
-    data, status = make_data(x, sample_weight, n_components, row_width)
+    data, status = _em_data(x, sample_weight, n_components, covariance_type)
 
     def run(key):
         if init_gmm is None:
@@ -477,8 +483,7 @@ def fit(
 
 @partial(jax.jit, static_argnames=("n_steps",))
 def _em_steps(gmm, x, sample_weight, reg_covar, max_condition, *, n_steps):
-    row_width = e_step_row_width(gmm.covariance_type, x)
-    data, status = make_data(x, sample_weight, gmm.n_components, row_width)
+    data, status = _em_data(x, sample_weight, gmm.n_components, gmm.covariance_type)
 
     def step(gmm, _):
         return em_iteration_redone(gmm, data, reg_covar, max_condition)

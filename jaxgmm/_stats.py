@@ -107,11 +107,11 @@ def _max_over_components(log_prob: Float[Array, "k n"]) -> Float[Array, " n"]:
 
 def e_step_row_width(covariance_type: str, x) -> int | None:
     """Features per row that the E-step computes on ``x`` ``(N, D)`` (2D for
-    diag and spherical, D + D(D+1)/2 for full and tied), for
-    :func:`~jaxgmm._data.make_data` to size its row blocks; None for at most
-    ``UNROLL_MAX_DIM`` features, whose E-step works on per-component columns
-    and got slower in blocks (N=1e6, D=2, K=8: 0.026 s per iteration against
-    0.011 s)."""
+    diag and spherical), for :func:`~jaxgmm._data.make_data` to size its row
+    blocks; None where the E-step takes no blocks: covariance types without
+    ``e_step_in_blocks`` (full, tied), and at most ``UNROLL_MAX_DIM``
+    features, whose E-step works on per-component columns and got slower in
+    blocks (N=1e6, D=2, K=8: 0.026 s per iteration against 0.011 s)."""
     structure = structure_for(covariance_type)
     if x.shape[-1] <= _linalg.UNROLL_MAX_DIM or not structure.e_step_in_blocks:
         return None
